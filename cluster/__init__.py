@@ -1,0 +1,15 @@
+"""The driver side of raylora: configuration, scheduling, the driver actor, the server."""
+
+from cluster.config import EngineConfig
+from cluster.outputs import GenerationOutput, StreamDelta
+from cluster.sampling_params import SamplingParams
+
+
+def launch(config: EngineConfig, name: str | None = None):
+    """Start an engine in the current Ray cluster (or a local one) and return its driver handle."""
+    from cluster.driver import launch as _launch
+
+    return _launch(config, name)
+
+
+__all__ = ["EngineConfig", "GenerationOutput", "SamplingParams", "StreamDelta", "launch"]
