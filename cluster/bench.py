@@ -1,0 +1,155 @@
+"""`raylora bench`: offline throughput of the engine against transformers `generate`.
+
+Both serve the same requests (varied prompt and output lengths, EOS ignored so every request
+produces exactly its output length): the engine with continuous batching through the driver
+actor, and in-process without Ray; transformers with static batches, left-padded, each batch
+running to its longest output. Useful tokens are the requested output tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.config import EngineConfig
+from cluster.sampling_params import SamplingParams
+from cluster.synthetic import write_random_llama
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    def params(self) -> list[SamplingParams]:
+        return [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in self.output_lens]
+
+
+def make_workload(num_requests: int, vocab_size: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int) -> Workload:
+    rng = np.random.default_rng(seed)
+    prompt_lens = rng.integers(prompt_range[0], prompt_range[1] + 1, num_requests)
+    output_lens = rng.integers(output_range[0], output_range[1] + 1, num_requests)
+    prompts = [rng.integers(3, vocab_size, n).tolist() for n in prompt_lens]
+    return Workload(prompts, [int(n) for n in output_lens])
+
+
+def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threads: int) -> float:
+    """Seconds for transformers to serve the workload in static batches of `batch_size`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    start = time.perf_counter()
+    for first in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[first : first + batch_size]
+        longest = max(map(len, prompts))
+        input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        new_tokens = max(workload.output_lens[first : first + batch_size])
+        with torch.inference_mode():
+            model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            )
+    return time.perf_counter() - start
+
+
+def run_engine_in_process(config: EngineConfig, workload: Workload) -> tuple[float, list[list[int]]]:
+    from cluster.offline import OfflineEngine
+
+    engine = OfflineEngine(config)
+    engine.generate(workload.prompts[:2], [SamplingParams(max_tokens=2, temperature=0)] * 2)  # warm up
+    start = time.perf_counter()
+    outputs = engine.generate(workload.prompts, workload.params())
+    return time.perf_counter() - start, [o.token_ids for o in outputs]
+
+
+def run_engine_ray(config: EngineConfig, workload: Workload) -> tuple[float, list[list[int]]]:
+    import ray
+
+    from cluster.driver import launch
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        driver = launch(config)
+        ray.get(driver.generate.remote(workload.prompts[:2], SamplingParams(max_tokens=2, temperature=0)))
+        start = time.perf_counter()
+        outputs = ray.get(driver.generate.remote(workload.prompts, workload.params()))
+        return time.perf_counter() - start, [o.token_ids for o in outputs]
+    finally:
+        ray.shutdown()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raylora bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF checkpoint dir; default: a random Llama made for the run")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--hf-batch-size", type=int, default=16, help="static batch size for transformers")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for each side")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "in-process", "ray"])
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = Path(args.model) if args.model else write_random_llama(Path(scratch) / "bench-llama")
+        vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
+        config = EngineConfig(
+            model=str(model_dir), device="cpu", dtype="float32", max_num_seqs=args.max_num_seqs,
+            cpu_kv_cache_bytes=256 << 20, torch_threads_per_worker=args.threads,
+            max_model_len=max(args.prompt_len) + max(args.output_len),
+        )
+        rows: dict[str, float] = {}
+        tokens: dict[str, list[list[int]]] = {}
+        if "ray" not in args.skip:
+            rows["raylora (driver + worker actor)"], tokens["ray"] = run_engine_ray(config, workload)
+        if "in-process" not in args.skip:
+            rows["raylora (in-process)"], tokens["local"] = run_engine_in_process(config, workload)
+        if "transformers" not in args.skip:
+            rows[f"transformers generate (static batch {args.hf_batch_size})"] = run_transformers(
+                model_dir, workload, args.hf_batch_size, args.threads
+            )
+    print_table(rows, workload)
+    if "ray" in tokens and "local" in tokens and tokens["ray"] != tokens["local"]:
+        print("warning: the actor and in-process engines produced different tokens")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: workload.useful_tokens / v for k, v in rows.items()}, indent=2))
+    return 0
+
+
+def print_table(rows: dict[str, float], workload: Workload) -> None:
+    print(f"{len(workload.prompts)} requests, {workload.useful_tokens} useful output tokens")
+    print(f"{'system':<45} {'seconds':>9} {'tokens/s':>10}")
+    for name, seconds in rows.items():
+        print(f"{name:<45} {seconds:>9.2f} {workload.useful_tokens / seconds:>10.1f}")
+    names = list(rows)
+    baseline = next((n for n in names if n.startswith("transformers")), None)
+    for name in names:
+        if baseline and name != baseline:
+            print(f"{name} / transformers: {rows[baseline] / rows[name]:.2f}x")
+    if "raylora (driver + worker actor)" in rows and "raylora (in-process)" in rows:
+        share = rows["raylora (in-process)"] / rows["raylora (driver + worker actor)"]
+        print(f"actor path reaches {share:.0%} of in-process tokens/s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

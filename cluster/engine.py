@@ -1,0 +1,246 @@
+"""The driver's engine core: requests in, step inputs out, step outputs in, text deltas out.
+
+Synchronous and free of Ray, so the driver actor and the in-process benchmark share it. It
+owns every decision (what runs, where its K/V lives, when it stops); workers only compute.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from cluster.block_manager import BlockManager
+from cluster.config import EngineConfig
+from cluster.detokenizer import IncrementalDetokenizer
+from cluster.errors import InvalidRequestError
+from cluster.model_checks import check_kv_capacity, resolve_max_model_len, resolve_max_num_batched_tokens
+from cluster.outputs import StreamDelta, TokenLogprob
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
+from cluster.sequence import Sequence
+from workers.models.config import ModelConfig
+from workers.step import SamplingBatch, StepInput, StepOutput
+
+
+def eos_token_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase, model_eos: list[int]) -> frozenset[int]:
+    """EOS ids from the model config, generation_config.json and the tokenizer, together."""
+    ids = set(model_eos)
+    try:
+        generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids.update([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    scheduler: SchedulerLimits
+    eos_token_ids: frozenset[int]
+
+    @staticmethod
+    def resolve(
+        config: EngineConfig, model: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_blocks: int
+    ) -> EngineLimits:
+        """The limits the engine runs under, once the workers have said how many KV blocks fit."""
+        max_model_len = resolve_max_model_len(config, model)
+        check_kv_capacity(num_blocks, config.block_size, max_model_len)
+        max_batched = resolve_max_num_batched_tokens(config, max_model_len)
+        return EngineLimits(
+            max_model_len=max_model_len,
+            vocab_size=model.vocab_size,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            scheduler=SchedulerLimits(config.max_num_seqs, max_batched, config.max_loras),
+            eos_token_ids=eos_token_ids(config.model, tokenizer, model.eos_token_ids),
+        )
+
+
+@dataclass(eq=False)
+class RequestState:
+    """A sequence plus what the driver tracks to turn its tokens into text."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    lora_name: str | None
+    emitted_text_len: int = 0
+    emitted_token_count: int = 0
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class EngineCore:
+    def __init__(self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.block_manager = BlockManager(limits.num_blocks, limits.block_size)
+        self.scheduler = Scheduler(limits.scheduler, self.block_manager)
+        self.requests: dict[str, RequestState] = {}
+        self._seq_ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise InvalidRequestError for a prompt no step could serve."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
+        if len(prompt_token_ids) >= self.limits.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens but max_model_len is "
+                f"{self.limits.max_model_len}: shorten the prompt so at least one token can be generated",
+                param="prompt",
+            )
+        ids = np.asarray(prompt_token_ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidRequestError("prompt token ids must be integers", param="prompt")
+        bad = ids[(ids < 0) | (ids >= self.limits.vocab_size)]
+        if bad.size:
+            raise InvalidRequestError(
+                f"token id {int(bad[0])} is outside the vocabulary [0, {self.limits.vocab_size})", param="prompt"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        noise_seed: int,
+        lora_id: int = 0,
+        lora_name: str | None = None,
+    ) -> Sequence:
+        self.validate_prompt(prompt_token_ids)
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        seq = Sequence(
+            seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=list(map(int, prompt_token_ids)),
+            sampling=params, lora_id=lora_id, noise_seed=noise_seed,
+        )
+        detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+        self.requests[request_id] = RequestState(seq, detokenizer, lora_name)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return False
+        if not state.seq.is_finished:
+            self.scheduler.finish(state.seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self.scheduler.schedule()
+
+    def build_step(self, batch: ScheduledBatch) -> StepInput:
+        seqs = batch.seqs
+        block_size = self.limits.block_size
+        if batch.is_prefill:
+            token_lists = [seq.all_token_ids() for seq in seqs]
+            query_lens = np.array([len(tokens) for tokens in token_lists], dtype=np.int64)
+            input_ids = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(query_lens.sum()))
+            positions = np.concatenate([np.arange(n, dtype=np.int64) for n in query_lens])
+            context_lens = query_lens
+        else:
+            input_ids = np.array([seq.last_token_id for seq in seqs], dtype=np.int64)
+            context_lens = np.array([seq.num_tokens for seq in seqs], dtype=np.int64)
+            positions = context_lens - 1
+            query_lens = np.ones(len(seqs), dtype=np.int64)
+        block_tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            block_tables[row, : len(seq.block_table)] = seq.block_table
+        row_of_token = np.repeat(np.arange(len(seqs)), query_lens)
+        slot_mapping = block_tables[row_of_token, positions // block_size] * block_size + positions % block_size
+        return StepInput(
+            input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=context_lens,
+            block_tables=block_tables, slot_mapping=slot_mapping, is_prefill=batch.is_prefill,
+            sampling=self._sampling_batch(seqs),
+        )
+
+    @staticmethod
+    def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:
+        params = [seq.sampling for seq in seqs]
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingBatch(
+            temperature=np.array([p.temperature for p in params], dtype=np.float32),
+            top_p=np.array([p.top_p for p in params], dtype=np.float32),
+            top_k=np.array([p.top_k for p in params], dtype=np.int64),
+            noise_seed=np.array([seq.noise_seed for seq in seqs], dtype=np.int64),
+            noise_step=np.array([seq.num_output_tokens for seq in seqs], dtype=np.int64),
+            num_logprobs=max(wanted) if wanted else -1,
+        )
+
+    def process_output(self, batch: ScheduledBatch, output: StepOutput) -> list[StreamDelta]:
+        """Append each sampled token, detokenize, apply stop rules; return what each request gained."""
+        deltas = []
+        for row, seq in enumerate(batch.seqs):
+            state = self.requests.get(seq.request_id)
+            if state is None or seq.is_finished:  # aborted while the step was in flight
+                continue
+            token_id = int(output.token_ids[row])
+            seq.output_token_ids.append(token_id)
+            seq.num_cached_tokens = seq.num_tokens - 1
+            if seq.sampling.logprobs is not None and output.logprobs is not None:
+                state.logprobs.append(self._token_logprob(output, row, token_id, seq.sampling.logprobs))
+            previous_text_len = len(state.text)
+            state.detokenizer.add(token_id)
+            state.text = state.detokenizer.text
+            reason = self._finish_reason(state, token_id, previous_text_len)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            deltas.append(self._delta(state))
+            if reason is not None:
+                del self.requests[seq.request_id]
+        return deltas
+
+    @staticmethod
+    def _token_logprob(output: StepOutput, row: int, token_id: int, num_top: int) -> TokenLogprob:
+        top: dict[int, float] = {}
+        if num_top and output.top_token_ids is not None:
+            top = dict(zip(output.top_token_ids[row, :num_top].tolist(), output.top_logprobs[row, :num_top].tolist()))
+        return TokenLogprob(token_id, float(output.logprobs[row]), top)
+
+    def _finish_reason(self, state: RequestState, token_id: int, previous_text_len: int) -> str | None:
+        seq, params = state.seq, state.seq.sampling
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.limits.eos_token_ids):
+            return "stop"
+        if params.stop:
+            # A stop string found now must end in the new text.
+            window_start = max(0, previous_text_len - max(map(len, params.stop)) + 1)
+            hits = [i for i in (state.text.find(s, window_start) for s in params.stop) if i >= 0]
+            if hits:
+                state.text = state.text[: min(hits)]
+                return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+            return "length"
+        return None
+
+    def _delta(self, state: RequestState) -> StreamDelta:
+        """New text and tokens since the last delta; text that may begin a stop string is held back."""
+        seq = state.seq
+        visible = len(state.text)
+        if not seq.is_finished and seq.sampling.stop:
+            visible -= max(map(len, seq.sampling.stop)) - 1
+        visible = max(visible, state.emitted_text_len)
+        text = state.text[state.emitted_text_len : visible]
+        tokens = seq.output_token_ids[state.emitted_token_count :]
+        logprobs = state.logprobs[state.emitted_token_count :] if seq.sampling.logprobs is not None else None
+        state.emitted_text_len = visible
+        state.emitted_token_count = seq.num_output_tokens
+        return StreamDelta(
+            request_id=seq.request_id, text=text, token_ids=tokens, finish_reason=seq.finish_reason,
+            logprobs=logprobs, num_prompt_tokens=len(seq.prompt_token_ids),
+        )

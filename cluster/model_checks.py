@@ -1,0 +1,49 @@
+"""Engine-start checks that need the model's config, with errors that say what to change."""
+
+from __future__ import annotations
+
+from cluster.config import EngineConfig
+from workers.models.config import ModelConfig
+
+
+def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+    """The config's max_model_len, or the model's own; checked against what the model can serve."""
+    max_model_len = config.max_model_len or model.max_position_embeddings
+    model.check_max_model_len(max_model_len)
+    return max_model_len
+
+
+def resolve_max_num_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
+    if config.max_num_batched_tokens is None:
+        return max(max_model_len, 2048)
+    if config.max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens ({config.max_num_batched_tokens}) is smaller than max_model_len "
+            f"({max_model_len}): a full-length prompt could never be scheduled; raise max_num_batched_tokens "
+            f"or lower max_model_len"
+        )
+    return config.max_num_batched_tokens
+
+
+def check_tensor_parallel(config: EngineConfig, model: ModelConfig) -> None:
+    tp = config.tensor_parallel_size
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"the model has {model.num_attention_heads} attention heads, not divisible by "
+            f"tensor_parallel_size ({tp}): choose a tensor_parallel_size that divides it"
+        )
+    kv_heads = model.num_key_value_heads
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(
+            f"the model has {kv_heads} key/value heads; tensor_parallel_size ({tp}) must divide it or be a "
+            f"multiple of it"
+        )
+
+
+def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), fewer "
+            f"than max_model_len ({max_model_len}): raise cpu_kv_cache_bytes (CPU) or gpu_memory_utilization "
+            f"(CUDA), or lower max_model_len"
+        )

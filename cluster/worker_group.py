@@ -1,0 +1,74 @@
+"""The worker actors of one engine: placed, joined into a process group, stepped together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import EngineConfig
+from workers.step import StepInput, StepOutput
+from workers.worker import WorkerActor
+
+PLACEMENT_TIMEOUT_S = 60.0
+
+
+def wants_gpu(config: EngineConfig) -> bool:
+    """`auto` means CUDA when the Ray cluster has GPUs to place workers on."""
+    if config.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= config.tensor_parallel_size
+    return config.device == "cuda"
+
+
+class WorkerGroup:
+    """N = tensor_parallel_size `WorkerActor`s, one per bundle of a placement group."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.use_gpu = wants_gpu(config)
+        bundle = {"CPU": config.num_cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
+        self.placement_group: PlacementGroup = placement_group(
+            [dict(bundle) for _ in range(config.tensor_parallel_size)], strategy=config.placement_strategy
+        )
+        self.workers: list = []
+
+    async def start(self) -> int:
+        """Place the actors, form the group, load the shards; return the KV blocks every rank can hold."""
+        try:
+            await asyncio.wait_for(self.placement_group.ready(), PLACEMENT_TIMEOUT_S)
+        except asyncio.TimeoutError as exc:
+            raise RuntimeError(
+                f"could not place {self.config.tensor_parallel_size} workers with "
+                f"{self.placement_group.bundle_specs[0]} each ({self.config.placement_strategy}) within "
+                f"{PLACEMENT_TIMEOUT_S:.0f}s: the Ray cluster has {ray.cluster_resources()}"
+            ) from exc
+        worker_config = self.config.model_copy(update={"device": "cuda" if self.use_gpu else "cpu"})
+        self.workers = [
+            WorkerActor.options(
+                num_cpus=self.config.num_cpus_per_worker,
+                num_gpus=1 if self.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+            ).remote(worker_config, rank)
+            for rank in range(self.config.tensor_parallel_size)
+        ]
+        host, port = await self.workers[0].rendezvous_address.remote()
+        capacities = await asyncio.gather(*(w.init_model.remote(f"tcp://{host}:{port}") for w in self.workers))
+        num_blocks = min(capacities)
+        await asyncio.gather(*(w.init_cache.remote(num_blocks) for w in self.workers))
+        return num_blocks
+
+    async def execute(self, step: StepInput) -> StepOutput:
+        """Every rank runs the step; rank 0 answers."""
+        if len(self.workers) == 1:
+            return await self.workers[0].execute_step.remote(step)
+        step_ref = ray.put(step)
+        results = await asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
+        return results[0]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        remove_placement_group(self.placement_group)

@@ -1,0 +1,1 @@
+from tests.ray_fixtures import ray_session  # noqa: F401

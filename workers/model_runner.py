@@ -1,0 +1,131 @@
+"""Runs one step on this rank: step arrays -> tensors -> model forward -> (rank 0) sampled tokens."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from cluster.config import EngineConfig
+from workers.attention import Attention, AttentionMetadata
+from workers.device import resolve_device, resolve_dtype
+from workers.distributed import tp_rank, tp_world_size
+from workers.models.config import ModelConfig, load_model_config
+from workers.models.registry import get_model_class
+from workers.sampler import sample
+from workers.step import StepInput, StepOutput
+from workers.weight_loader import load_weights
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    """This rank's model shard and KV cache shard."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config: ModelConfig = load_model_config(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with _default_dtype(self.dtype), torch.device(self.device):
+            self.model = get_model_class(self.model_config)(self.model_config)
+        load_weights(self.model, config.model, self.dtype)
+        self.model.eval()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_blocks = 0
+
+    def kv_block_bytes(self) -> int:
+        """Bytes one KV block takes on this rank, keys and values of every layer."""
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.config.block_size * len(self.attention_layers)
+
+    def available_kv_blocks(self) -> int:
+        """How many blocks fit: the byte budget on CPU, free memory under the utilization cap on CUDA."""
+        if self.device.type == "cpu":
+            budget = self.config.cpu_kv_cache_bytes
+        else:
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            used_by_others = total - free - torch.cuda.memory_reserved()
+            activation_reserve = self._profile_activation_bytes()
+            budget = int(total * self.config.gpu_memory_utilization) - used_by_others - torch.cuda.memory_allocated()
+            budget -= activation_reserve
+        return max(0, budget // self.kv_block_bytes())
+
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of the largest prefill the scheduler may send, measured with a scratch cache."""
+        tokens = min(self.config.max_num_batched_tokens or 2048, self.model_config.max_position_embeddings)
+        blocks = -(-tokens // self.config.block_size)
+        self.allocate_kv_cache(blocks)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        positions = np.arange(tokens, dtype=np.int64)
+        step = StepInput(
+            input_ids=np.zeros(tokens, dtype=np.int64), positions=positions,
+            query_lens=np.array([tokens]), context_lens=np.array([tokens]),
+            block_tables=np.arange(blocks, dtype=np.int64)[None, :], slot_mapping=positions,
+            is_prefill=True, sampling=None,  # type: ignore[arg-type]
+        )
+        self._forward_logits(step)
+        peak = torch.cuda.max_memory_allocated() - before
+        self.allocate_kv_cache(0)
+        torch.cuda.empty_cache()
+        return peak
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Zeroed, so masked-out cache rows can never feed NaNs into attention."""
+        self.num_blocks = num_blocks
+        num_slots = num_blocks * self.config.block_size
+        for layer in self.attention_layers:
+            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def _forward_logits(self, step: StepInput) -> torch.Tensor:
+        positions = self._tensor(step.positions)
+        query_lens = self._tensor(step.query_lens)
+        meta = AttentionMetadata.build(
+            positions=positions,
+            query_lens=query_lens,
+            context_lens=self._tensor(step.context_lens),
+            block_tables=self._tensor(step.block_tables),
+            slot_mapping=self._tensor(step.slot_mapping),
+            block_size=self.config.block_size,
+            is_prefill=step.is_prefill,
+        )
+        hidden = self.model(self._tensor(step.input_ids), positions, meta)
+        last_token_index = torch.cumsum(query_lens, 0) - 1
+        return self.model.compute_logits(hidden[last_token_index])
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput | None:
+        """Every rank runs the forward; only rank 0 samples and answers."""
+        logits = self._forward_logits(step)
+        if tp_rank() != 0:
+            return None
+        return sample(logits, step.sampling)
+
+    @property
+    def rank(self) -> int:
+        return tp_rank()
+
+    @property
+    def world_size(self) -> int:
+        return tp_world_size()
