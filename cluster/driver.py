@@ -13,18 +13,22 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from transformers import AutoTokenizer
 
 from cluster.config import EngineConfig
 from cluster.engine import EngineCore, EngineLimits
-from cluster.errors import EngineDeadError, InvalidRequestError
+from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from cluster.lora_registry import LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.sampling_params import SamplingParams
 from cluster.worker_group import WorkerGroup
+from lora.adapter import load_adapter
 from lora.request import LoRARequest
 from workers.models.config import load_model_config
 
@@ -59,22 +63,36 @@ class Driver:
         check_tensor_parallel(config, self.model_config)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
+        self.loras = LoRARegistry(self._validate_adapter, config.resolved_served_model_name)
+        self._extra_tokens: dict[str, int] = {}
         self.workers = WorkerGroup(config)
         self.engine: EngineCore | None = None
         self._pending: dict[str, _PendingRequest] = {}
         self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._random = random.Random(config.seed)
-        self._dead_error: BaseException | None = None
+        self._unavailable: str | None = "starting"  # why requests are refused right now
+        self._worker_failure: BaseException | None = None
+        self._step_in_flight = False
+        self.num_restarts = 0
 
     async def start(self) -> dict[str, Any]:
         """Bring up the workers and the step loop; return what the engine serves."""
+        await self._start_engine()
+        if self.config.enable_lora:
+            for name, path in self.config.lora_modules.items():
+                await self.add_lora(name, path)
+        self._wakeup = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._step_loop()), loop.create_task(self._watch_workers())]
+        return await self.info()
+
+    async def _start_engine(self) -> None:
+        """A worker group and a fresh engine core over its KV cache."""
         num_blocks = await self.workers.start()
         limits = EngineLimits.resolve(self.config, self.model_config, self.tokenizer, num_blocks)
-        self.engine = EngineCore(limits, self.tokenizer)
-        self._wakeup = asyncio.Event()
-        self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
-        return await self.info()
+        self.engine = EngineCore(limits, self.tokenizer, enable_lora=self.config.enable_lora)
+        self._unavailable = None
 
     async def info(self) -> dict[str, Any]:
         assert self.engine is not None
@@ -92,12 +110,63 @@ class Driver:
         """Counters for tests and metrics."""
         assert self.engine is not None
         scheduler = self.engine.scheduler
-        return {
+        counters = {
             "num_waiting": len(scheduler.waiting),
             "num_running": len(scheduler.running),
             "num_preemptions": scheduler.num_preemptions,
             "num_free_blocks": self.engine.block_manager.num_free_blocks,
+            "num_restarts": self.num_restarts,
         }
+        if self.engine.slots is not None:
+            slot_stats = self.engine.slots.stats
+            counters |= {"slot_hits": slot_stats.hits, "slot_misses": slot_stats.misses,
+                         "slot_evictions": slot_stats.evictions}
+            cache = await self.workers.lora_cache_stats()
+            counters |= {f"lora_{key}": value for key, value in cache.items()}
+        return counters
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def _validate_adapter(self, name: str, path: str) -> None:
+        """Read and check the whole adapter against the model before it is listed."""
+        if not self.config.enable_lora:
+            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="lora_path")
+        adapter = load_adapter(
+            path, name, self.model_config, max_lora_rank=self.config.max_lora_rank, lora_dtype=torch.float32,
+            lora_extra_vocab_size=self.config.lora_extra_vocab_size, allowed_roots=self.config.allowed_lora_roots,
+            allow_pickle=self.config.allow_pickle_adapters,
+        )
+        self._extra_tokens[name] = adapter.extra_vocab.num_tokens if adapter.extra_vocab else 0
+
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """Register an adapter (validated first); workers start reading it into their CPU caches."""
+        path = str(Path(lora_path).expanduser())
+        known = self.loras.get(lora_name)
+        request = self.loras.add(lora_name, path)
+        if known is None:
+            self.workers.prefetch_lora(request)
+        return request
+
+    async def remove_lora(self, lora_name: str) -> bool:
+        """Unlist an adapter; requests already running with it finish."""
+        request = self.loras.remove(lora_name)
+        self._extra_tokens.pop(lora_name, None)
+        await self.workers.remove_lora(request.lora_int_id)
+        return True
+
+    async def list_loras(self) -> list[LoRARequest]:
+        return self.loras.list()
+
+    def _resolve_lora(self, lora: LoRARequest | str | None) -> LoRARequest | None:
+        if lora is None:
+            return None
+        if isinstance(lora, str):
+            return self.loras.resolve_model(lora)
+        known = self.loras.get(lora.lora_name)
+        request = self.loras.register(lora)
+        if known is None:
+            self.workers.prefetch_lora(request)
+        return request
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -110,16 +179,25 @@ class Driver:
 
     def _submit(self, prompt: Prompt, params: SamplingParams | None, lora: LoRARequest | None, request_id: str) -> None:
         """Queue one request; raise before anything is queued if it cannot be served."""
-        if self._dead_error is not None:
-            raise EngineDeadError(f"the engine is not serving: {self._dead_error}")
+        if self._unavailable is not None:
+            raise EngineDeadError(f"the engine is not serving right now ({self._unavailable}): retry in a few seconds")
         assert self.engine is not None and self._wakeup is not None
+        bound = self.config.max_waiting_requests
+        if bound is not None and len(self.engine.scheduler.waiting) >= bound:
+            raise EngineOverloadedError(
+                f"{len(self.engine.scheduler.waiting)} requests are already waiting (max_waiting_requests={bound}): "
+                "retry later"
+            )
         params = params or SamplingParams()
-        if lora is not None:
-            raise InvalidRequestError("LoRA adapters need enable_lora", param="lora_request")
+        if lora is not None and not self.config.enable_lora:
+            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="model")
+        request = self._resolve_lora(lora)
         token_ids = self._token_ids(prompt)
         seed = params.seed if params.seed is not None else self._random.getrandbits(62)
-        self.engine.add_request(request_id, token_ids, params, noise_seed=seed)
-        self._pending[request_id] = _PendingRequest(token_ids, None, params.logprobs is not None)
+        extra = self._extra_tokens.get(request.lora_name, 0) if request else 0
+        self.engine.add_request(request_id, token_ids, params, noise_seed=seed, lora=request, extra_vocab=extra)
+        name = request.lora_name if request else None
+        self._pending[request_id] = _PendingRequest(token_ids, name, params.logprobs is not None)
         self._wakeup.set()
 
     async def generate(
@@ -205,36 +283,78 @@ class Driver:
     # ---- the step loop --------------------------------------------------------------------
 
     async def _step_loop(self) -> None:
-        assert self.engine is not None and self._wakeup is not None
+        assert self._wakeup is not None
         while True:
+            if self._worker_failure is not None:
+                await self._recover(self._worker_failure)
+                continue
+            assert self.engine is not None
             batch = self.engine.schedule()
             if batch is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             step = self.engine.build_step(batch)
+            self._step_in_flight = True
             try:
                 output = await self.workers.execute(step)
-            except Exception as exc:  # a worker died or failed: fail what is in flight
-                logger.exception("engine step failed")
-                self._fail_all(exc)
-                return
+            except Exception as exc:  # a worker died or failed mid-step
+                self._worker_failure = exc
+                continue
+            finally:
+                self._step_in_flight = False
             for delta in self.engine.process_output(batch, output):
                 pending = self._pending.get(delta.request_id)
                 if pending is not None:
                     pending.deltas.put_nowait(delta)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        self._dead_error = exc
-        error = EngineDeadError(f"a worker failed while serving this request: {exc}")
-        for request_id, pending in list(self._pending.items()):
+    async def _watch_workers(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
+        """Between steps, ping the workers so a death is noticed within seconds even when idle."""
+        assert self._wakeup is not None
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._step_in_flight or self._unavailable is not None or self._worker_failure is not None:
+                continue
+            try:
+                await asyncio.wait_for(self.workers.ping(), timeout_s)
+            except Exception as exc:
+                self._worker_failure = exc
+                self._wakeup.set()
+
+    async def _recover(self, failure: BaseException) -> None:
+        """Fail what was in flight, rebuild the worker group, reload adapters, serve again.
+
+        The adapter registry lives here in the driver and survives; the new workers read every
+        registered adapter back into their CPU caches.
+        """
+        logger.error("worker failure, rebuilding the worker group: %s", failure)
+        self._unavailable = f"rebuilding workers after a failure: {failure}"
+        error = EngineDeadError(f"a worker failed while serving this request ({failure}): retry it")
+        for pending in list(self._pending.values()):
             pending.deltas.put_nowait(error)
-            if self.engine is not None:
-                self.engine.abort(request_id)
+        self.workers.shutdown()
+        while True:
+            self.workers = WorkerGroup(self.config)
+            try:
+                await self._start_engine()
+                break
+            except Exception as exc:
+                logger.exception("rebuilding the worker group failed; retrying")
+                self._unavailable = f"rebuilding workers failed: {exc}"
+                self.workers.shutdown()
+                await asyncio.sleep(2.0)
+        for lora in self.loras.list():
+            self.workers.prefetch_lora(lora)
+        self._worker_failure = None
+        self.num_restarts += 1
+
+    async def worker_handles(self) -> list:
+        """The worker actors (for fault-injection tests and debugging)."""
+        return list(self.workers.workers)
 
     async def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         self.workers.shutdown()
 
 

@@ -21,6 +21,8 @@ from cluster.outputs import StreamDelta, TokenLogprob
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from cluster.sequence import Sequence
+from lora.request import LoRARequest
+from lora.slots import SlotTable
 from workers.models.config import ModelConfig
 from workers.step import SamplingBatch, StepInput, StepOutput
 
@@ -79,18 +81,20 @@ class RequestState:
 
 
 class EngineCore:
-    def __init__(self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase, enable_lora: bool = False) -> None:
         self.limits = limits
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(limits.num_blocks, limits.block_size)
         self.scheduler = Scheduler(limits.scheduler, self.block_manager)
+        self.slots = SlotTable(limits.scheduler.max_loras) if enable_lora else None
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
 
     # ---- requests -------------------------------------------------------------------------
 
-    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        """Raise InvalidRequestError for a prompt no step could serve."""
+    def validate_prompt(self, prompt_token_ids: list[int], extra_vocab: int = 0) -> None:
+        """Raise InvalidRequestError for a prompt no step could serve; an adapter's added tokens
+        (`extra_vocab` of them) follow the base vocabulary."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
         if len(prompt_token_ids) >= self.limits.max_model_len:
@@ -102,11 +106,10 @@ class EngineCore:
         ids = np.asarray(prompt_token_ids)
         if not np.issubdtype(ids.dtype, np.integer):
             raise InvalidRequestError("prompt token ids must be integers", param="prompt")
-        bad = ids[(ids < 0) | (ids >= self.limits.vocab_size)]
+        vocab = self.limits.vocab_size + extra_vocab
+        bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.size:
-            raise InvalidRequestError(
-                f"token id {int(bad[0])} is outside the vocabulary [0, {self.limits.vocab_size})", param="prompt"
-            )
+            raise InvalidRequestError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab})", param="prompt")
 
     def add_request(
         self,
@@ -114,18 +117,20 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams,
         noise_seed: int,
-        lora_id: int = 0,
-        lora_name: str | None = None,
+        lora: LoRARequest | None = None,
+        extra_vocab: int = 0,
     ) -> Sequence:
-        self.validate_prompt(prompt_token_ids)
+        self.validate_prompt(prompt_token_ids, extra_vocab)
+        if lora is not None and self.slots is None:
+            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="model")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         seq = Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=list(map(int, prompt_token_ids)),
-            sampling=params, lora_id=lora_id, noise_seed=noise_seed,
+            sampling=params, lora=lora, noise_seed=noise_seed,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
-        self.requests[request_id] = RequestState(seq, detokenizer, lora_name)
+        self.requests[request_id] = RequestState(seq, detokenizer, lora.lora_name if lora else None)
         self.scheduler.add(seq)
         return seq
 
@@ -164,11 +169,21 @@ class EngineCore:
             block_tables[row, : len(seq.block_table)] = seq.block_table
         row_of_token = np.repeat(np.arange(len(seqs)), query_lens)
         slot_mapping = block_tables[row_of_token, positions // block_size] * block_size + positions % block_size
-        return StepInput(
+        step = StepInput(
             input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=context_lens,
             block_tables=block_tables, slot_mapping=slot_mapping, is_prefill=batch.is_prefill,
             sampling=self._sampling_batch(seqs),
         )
+        if self.slots is not None:
+            self._place_adapters(seqs, step)
+        return step
+
+    def _place_adapters(self, seqs: list[Sequence], step: StepInput) -> None:
+        """Slots for the batch's adapters (loads for the new ones) and each sequence's slot."""
+        assert self.slots is not None
+        batch_loras = {seq.lora_id: seq.lora for seq in seqs if seq.lora is not None}
+        step.lora_loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
+        step.lora_slots = np.array([self.slots.slot(seq.lora_id) for seq in seqs], dtype=np.int64)
 
     @staticmethod
     def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -15,6 +15,7 @@ from cluster.config import EngineConfig
 from cluster.engine import EngineCore, EngineLimits
 from cluster.outputs import GenerationOutput
 from cluster.sampling_params import SamplingParams
+from lora.request import LoRARequest
 from workers.worker import Worker
 
 
@@ -28,16 +29,24 @@ class OfflineEngine:
         tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
         assert self.worker.runner is not None
         limits = EngineLimits.resolve(config, self.worker.runner.model_config, tokenizer, num_blocks)
-        self.core = EngineCore(limits, tokenizer)
+        self.core = EngineCore(limits, tokenizer, enable_lora=config.enable_lora)
         self._random = random.Random(config.seed)
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationOutput]:
-        """Run every request to completion, stepping until the scheduler is empty."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        loras: list[LoRARequest | None] | None = None,
+    ) -> list[GenerationOutput]:
+        """Run every request to completion, stepping until the scheduler is empty.
+
+        Adapters are taken as given (their `lora_int_id`s must be distinct), without a registry.
+        """
         request_ids = [uuid.uuid4().hex for _ in prompts]
         outputs = {rid: GenerationOutput(rid, list(p), "", [], None) for rid, p in zip(request_ids, prompts)}
-        for request_id, prompt, param in zip(request_ids, prompts, params):
+        for request_id, prompt, param, lora in zip(request_ids, prompts, params, loras or [None] * len(prompts)):
             seed = param.seed if param.seed is not None else self._random.getrandbits(62)
-            self.core.add_request(request_id, prompt, param, noise_seed=seed)
+            self.core.add_request(request_id, prompt, param, noise_seed=seed, lora=lora)
         while (batch := self.core.schedule()) is not None:
             result = self.worker.execute_step(self.core.build_step(batch))
             assert result is not None

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from cluster.sampling_params import SamplingParams
+from lora.request import LoRARequest
 
 
 class SequenceStatus(enum.Enum):
@@ -23,7 +24,7 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    lora_id: int = 0  # 0 is the base model
+    lora: LoRARequest | None = None  # None is the base model
     noise_seed: int = 0  # per-request sampling stream, fixed at arrival
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
@@ -31,6 +32,11 @@ class Sequence:
     num_cached_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+
+    @property
+    def lora_id(self) -> int:
+        """0 for the base model."""
+        return self.lora.lora_int_id if self.lora else 0
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig
+from lora.request import LoRARequest
 from workers.step import StepInput, StepOutput
 from workers.worker import WorkerActor
 
@@ -53,8 +54,8 @@ class WorkerGroup:
             ).remote(worker_config, rank)
             for rank in range(self.config.tensor_parallel_size)
         ]
-        host, port = await self.workers[0].rendezvous_address.remote()
-        capacities = await asyncio.gather(*(w.init_model.remote(f"tcp://{host}:{port}") for w in self.workers))
+        rendezvous = await self.workers[0].host_rendezvous.remote() if len(self.workers) > 1 else None
+        capacities = await asyncio.gather(*(w.init_model.remote(rendezvous) for w in self.workers))
         num_blocks = min(capacities)
         await asyncio.gather(*(w.init_cache.remote(num_blocks) for w in self.workers))
         return num_blocks
@@ -67,7 +68,21 @@ class WorkerGroup:
         results = await asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
         return results[0]
 
+    def prefetch_lora(self, lora: LoRARequest) -> list:
+        """Every rank reads its slices into its CPU cache, beside the steps; returns the refs."""
+        return [w.prefetch_lora.remote(lora) for w in self.workers]
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await asyncio.gather(*(w.remove_lora.remote(lora_id) for w in self.workers))
+
+    async def lora_cache_stats(self) -> dict[str, int]:
+        return await self.workers[0].lora_cache_stats.remote()
+
+    async def ping(self) -> None:
+        await asyncio.gather(*(w.ping.remote() for w in self.workers))
+
     def shutdown(self) -> None:
+        """Kill the actors and free their bundles; safe on a group that is half dead."""
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []

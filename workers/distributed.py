@@ -21,11 +21,15 @@ class ParallelState:
 _state = ParallelState()
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> None:
-    """Join the group (NCCL on CUDA, gloo on CPU); a no-op at world size 1."""
+def init_tensor_parallel(rank: int, world_size: int, rendezvous: dist.Store | str | None, backend: str) -> None:
+    """Join the group (NCCL on CUDA, gloo on CPU) through rank 0's store or an init-method URL;
+    a no-op at world size 1."""
     _state.rank, _state.world_size = rank, world_size
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+        if isinstance(rendezvous, str):
+            dist.init_process_group(backend=backend, init_method=rendezvous, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, store=rendezvous, rank=rank, world_size=world_size)
 
 
 def destroy_tensor_parallel() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cluster.config import EngineConfig
+from lora.manager import LoRAManager
 from workers.attention import Attention, AttentionMetadata
 from workers.device import resolve_device, resolve_dtype
 from workers.distributed import tp_rank, tp_world_size
@@ -43,6 +44,8 @@ class ModelRunner:
             self.model = get_model_class(self.model_config)(self.model_config)
         load_weights(self.model, config.model, self.dtype)
         self.model.eval()
+        # Wrapping renames parameters, so it comes after the weights are in.
+        self.lora = LoRAManager(self.model, config, self.model_config, self.device, self.dtype) if config.enable_lora else None
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = 0
 
@@ -95,10 +98,13 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)
+        return torch.tensor(array, device=self.device)  # a copy: Ray hands over read-only arrays
 
     @torch.inference_mode()
     def _forward_logits(self, step: StepInput) -> torch.Tensor:
+        if self.lora is not None:
+            self.lora.apply_loads(step.lora_loads)
+            self.lora.set_step(step.lora_slots, step.query_lens)
         positions = self._tensor(step.positions)
         query_lens = self._tensor(step.query_lens)
         meta = AttentionMetadata.build(

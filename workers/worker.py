@@ -7,12 +7,13 @@ is the same class as a Ray actor, one per GPU or CPU process.
 from __future__ import annotations
 
 import os
-import socket
 
 import ray
 import torch
+import torch.distributed as dist
 
 from cluster.config import EngineConfig
+from lora.request import LoRARequest
 from workers.distributed import init_tensor_parallel
 from workers.model_runner import ModelRunner
 from workers.step import StepInput, StepOutput
@@ -30,20 +31,25 @@ class Worker:
         self.config = config
         self.rank = rank
         self.runner: ModelRunner | None = None
+        self.store: dist.Store | None = None
         torch.set_num_threads(_threads_for(config))
 
-    @staticmethod
-    def rendezvous_address() -> tuple[str, int]:
-        """This node's address and a port free right now, for rank 0 to host the group."""
+    def host_rendezvous(self) -> tuple[str, int]:
+        """Rank 0: open the group's key-value store on a port the OS picks, already bound, so no
+        other engine on the node can take it in between (no fixed ports, no bind race)."""
         host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            return host, sock.getsockname()[1]
+        self.store = dist.TCPStore(host, 0, self.config.tensor_parallel_size, is_master=True, wait_for_workers=False)
+        return host, self.store.port
 
-    def init_model(self, init_method: str | None = None) -> int:
+    def init_model(self, rendezvous: tuple[str, int] | None = None) -> int:
         """Join the group, load this rank's shard; return how many KV blocks this rank can hold."""
-        backend = "nccl" if torch.cuda.is_available() and self.config.device != "cpu" else "gloo"
-        init_tensor_parallel(self.rank, self.config.tensor_parallel_size, init_method or "", backend)
+        world_size = self.config.tensor_parallel_size
+        if world_size > 1 and self.store is None:
+            assert rendezvous is not None, "tensor parallel workers need rank 0's rendezvous address"
+            host, port = rendezvous
+            self.store = dist.TCPStore(host, port, world_size, is_master=False)
+        backend = "nccl" if self.config.device == "cuda" else "gloo"
+        init_tensor_parallel(self.rank, world_size, self.store, backend)
         self.runner = ModelRunner(self.config)
         return self.runner.available_kv_blocks()
 
@@ -55,8 +61,25 @@ class Worker:
         assert self.runner is not None
         return self.runner.execute(step)
 
+    def prefetch_lora(self, lora: LoRARequest) -> None:
+        """Read an adapter into the CPU cache ahead of use; runs beside steps on its own thread."""
+        assert self.runner is not None and self.runner.lora is not None
+        self.runner.lora.get_slices(lora)
+
+    def remove_lora(self, lora_id: int) -> None:
+        assert self.runner is not None and self.runner.lora is not None
+        self.runner.lora.remove(lora_id)
+
+    def lora_cache_stats(self) -> dict[str, int]:
+        lora = self.runner.lora if self.runner else None
+        if lora is None:
+            return {}
+        return {"cpu_cache_hits": lora.cache_hits, "cpu_cache_misses": lora.cache_misses,
+                "cpu_cached_adapters": len(lora.cpu_cache)}
+
     def ping(self) -> int:
         return self.rank
 
 
-WorkerActor = ray.remote(Worker)
+# Two threads: adapter prefetches read the disk while steps run.
+WorkerActor = ray.remote(max_concurrency=2)(Worker)

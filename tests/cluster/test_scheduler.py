@@ -6,10 +6,12 @@ from cluster.block_manager import BlockManager
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerLimits
 from cluster.sequence import Sequence, SequenceStatus
+from lora.request import LoRARequest
 
 
 def make_seq(seq_id: int, prompt_len: int, lora_id: int = 0) -> Sequence:
-    return Sequence(seq_id, f"r{seq_id}", list(range(1, prompt_len + 1)), SamplingParams(), lora_id=lora_id)
+    lora = LoRARequest(f"adapter{lora_id}", lora_id, "/adapters") if lora_id else None
+    return Sequence(seq_id, f"r{seq_id}", list(range(1, prompt_len + 1)), SamplingParams(), lora=lora)
 
 
 def make_scheduler(num_blocks=16, block_size=4, max_num_seqs=8, max_tokens=64, max_loras=2) -> Scheduler:

@@ -1,0 +1,64 @@
+"""The driver's adapter registry: name <-> id <-> path, validated before anything is listed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cluster.errors import InvalidRequestError, ModelNotFoundError
+from lora.request import LoRARequest
+
+
+class LoRARegistry:
+    """`validate(name, path)` raises InvalidRequestError for an adapter that cannot be served."""
+
+    def __init__(self, validate: Callable[[str, str], None], base_model_name: str) -> None:
+        self._validate = validate
+        self.base_model_name = base_model_name
+        self._by_name: dict[str, LoRARequest] = {}
+        self._next_id = 1
+
+    def add(self, name: str, path: str) -> LoRARequest:
+        if not name or name == self.base_model_name:
+            raise InvalidRequestError(f"adapter name {name!r} is empty or the base model's name", param="lora_name")
+        existing = self._by_name.get(name)
+        if existing is not None:
+            if existing.lora_path == path:
+                return existing
+            raise InvalidRequestError(
+                f"an adapter named {name!r} is already loaded from {existing.lora_path}: unload it first",
+                param="lora_name",
+            )
+        self._validate(name, path)
+        request = LoRARequest(name, self._next_id, path)
+        self._next_id += 1
+        self._by_name[name] = request
+        return request
+
+    def register(self, request: LoRARequest) -> LoRARequest:
+        """A LoRARequest passed with a call: registered on first use (vLLM loads it then too)."""
+        known = self._by_name.get(request.lora_name)
+        if known is not None and known.lora_path in ("", request.lora_path):
+            return known
+        return self.add(request.lora_name, request.lora_path)
+
+    def remove(self, name: str) -> LoRARequest:
+        if name not in self._by_name:
+            raise ModelNotFoundError(f"no adapter named {name!r} is loaded", param="lora_name")
+        return self._by_name.pop(name)
+
+    def get(self, name: str) -> LoRARequest | None:
+        return self._by_name.get(name)
+
+    def resolve_model(self, model: str | None) -> LoRARequest | None:
+        """A request's `model`: the base model's name (or none) -> None; an adapter's name, bare or
+        `base:adapter` (Ray Serve LLM's form), -> its LoRARequest."""
+        if not model or model == self.base_model_name:
+            return None
+        name = model.split(":", 1)[1] if model.startswith(self.base_model_name + ":") else model
+        request = self._by_name.get(name)
+        if request is None:
+            raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
+        return request
+
+    def list(self) -> list[LoRARequest]:
+        return sorted(self._by_name.values(), key=lambda r: r.lora_int_id)

@@ -1,0 +1,244 @@
+"""LoRA layers: each wraps one parallel layer of the base model and adds the batch's adapters.
+
+A wrapper owns its slot buffers (`max_loras` slots of `max_lora_rank`, rank zero-padded,
+scaling folded into B) and reads the step's slot mapping from the shared `LoRAContext`.
+How an adapter's full A/B are cut for this rank follows the base layer's split:
+
+- column-parallel (q/k/v, gate/up, any column layer): A whole, B cut by the layer's output rows;
+- row-parallel (o, down): A cut by the layer's input columns, B whole; each rank's partial
+  delta joins the layer's partial sum before its one all-reduce;
+- embedding and lm_head: replicated on every rank (the rank-sized tables are small), plus
+  the per-slot extra vocabulary rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora.adapter import LoRAAdapter, LoRAModuleWeights
+from lora.ops import LoRAStepMetadata, add_lora, lora_expand, lora_shrink
+from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+# Our packed parameters hold these checkpoint projections, in shard order.
+PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass
+class LoRAContext:
+    """The step's slot mapping, shared by every LoRA layer; the model runner sets it each step."""
+
+    token_meta: LoRAStepMetadata | None = None  # one slot per flat token
+    row_meta: LoRAStepMetadata | None = None  # one slot per sampled row (lm_head)
+
+
+@dataclass
+class SlotSpec:
+    num_slots: int
+    max_rank: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+SlicedWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # projection -> (A [r, in], B·scale [out, r])
+
+
+def _scaled_b(weights: LoRAModuleWeights) -> torch.Tensor:
+    return weights.lora_b * weights.scaling
+
+
+class LinearWithLoRA(nn.Module):
+    """Shared slot handling of the linear wrappers: one A/B buffer pair per projection."""
+
+    def __init__(self, base: nn.Module, projections: list[str], in_features: int, out_sizes: list[int],
+                 spec: SlotSpec, context: LoRAContext) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.projections = projections
+        self.context = context
+        # The model reads these off its layers (e.g. to split a packed output).
+        self.input_size, self.output_size, self.output_sizes = base.input_size, base.output_size, base.output_sizes
+        self.lora_a = [torch.zeros(spec.num_slots, spec.max_rank, in_features, dtype=spec.dtype, device=spec.device)
+                       for _ in projections]
+        self.lora_b = [torch.zeros(spec.num_slots, size, spec.max_rank, dtype=spec.dtype, device=spec.device)
+                       for size in out_sizes]
+
+    def set_slot(self, slot: int, weights: SlicedWeights) -> None:
+        """Copy this rank's slices into `slot`; projections the adapter does not target become zero."""
+        for name, a_buffer, b_buffer in zip(self.projections, self.lora_a, self.lora_b):
+            a_buffer[slot].zero_()
+            b_buffer[slot].zero_()
+            if name in weights:
+                lora_a, lora_b = weights[name]
+                a_buffer[slot, : lora_a.shape[0]].copy_(lora_a, non_blocking=True)
+                b_buffer[slot, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
+
+    def _add(self, out: torch.Tensor, x: torch.Tensor, offsets: list[int]) -> None:
+        meta = self.context.token_meta
+        if meta is not None and meta.has_lora:
+            add_lora(out, x, self.lora_a, self.lora_b, meta, offsets)
+
+
+class ColumnParallelLinearWithLoRA(LinearWithLoRA):
+    """Column layers, packed or not: each projection's delta lands in its own output columns."""
+
+    def __init__(self, base: ColumnParallelLinear, projections: list[str], spec: SlotSpec, context: LoRAContext) -> None:
+        self.shards = list(base.shards.values())
+        super().__init__(base, projections, base.input_size, [s.size for s in self.shards], spec, context)
+        self.offsets = [shard.offset for shard in self.shards]
+
+    def slice_adapter(self, modules: dict[str, LoRAModuleWeights]) -> SlicedWeights:
+        sliced = {}
+        for name, shard in zip(self.projections, self.shards):
+            if name in modules:
+                weights = modules[name]
+                rows = _scaled_b(weights)[shard.source_start : shard.source_start + shard.size]
+                sliced[name] = (weights.lora_a, rows)
+        return sliced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        self._add(out, x, self.offsets)
+        return out
+
+
+class RowParallelLinearWithLoRA(LinearWithLoRA):
+    def __init__(self, base: RowParallelLinear, projection: str, spec: SlotSpec, context: LoRAContext) -> None:
+        super().__init__(base, [projection], base.input_size, [base.output_size], spec, context)
+
+    def slice_adapter(self, modules: dict[str, LoRAModuleWeights]) -> SlicedWeights:
+        name = self.projections[0]
+        if name not in modules:
+            return {}
+        base = self.base_layer
+        start = base.tp_rank * base.input_size
+        weights = modules[name]
+        return {name: (weights.lora_a[:, start : start + base.input_size], _scaled_b(weights))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = self.base_layer.local_forward(x)
+        self._add(partial, x, [0])
+        return self.base_layer.reduce_output(partial)
+
+
+class VocabParallelEmbeddingWithLoRA(nn.Module):
+    """Embedding LoRA (a per-slot lookup table of rank-sized rows) plus per-slot extra vocabulary.
+
+    Token ids at or beyond the base vocabulary read their slot's extra rows.
+    """
+
+    def __init__(self, base: VocabParallelEmbedding, spec: SlotSpec, context: LoRAContext, extra_vocab_size: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.context = context
+        self.vocab_size = base.num_embeddings
+        hidden = base.embedding_dim
+        self.lora_a = torch.zeros(spec.num_slots, self.vocab_size, spec.max_rank, dtype=spec.dtype, device=spec.device)
+        self.lora_b = torch.zeros(spec.num_slots, hidden, spec.max_rank, dtype=spec.dtype, device=spec.device)
+        self.extra_rows = (
+            torch.zeros(spec.num_slots, extra_vocab_size, hidden, dtype=spec.dtype, device=spec.device)
+            if extra_vocab_size else None
+        )
+
+    def slice_adapter(self, adapter: LoRAAdapter) -> SlicedWeights:
+        sliced: SlicedWeights = {}
+        if "embed_tokens" in adapter.modules:
+            weights = adapter.modules["embed_tokens"]
+            sliced["lora"] = (weights.lora_a.t(), _scaled_b(weights))
+        if adapter.extra_vocab is not None:
+            rows = adapter.extra_vocab.input_embeddings
+            sliced["extra"] = (rows, rows)
+        return sliced
+
+    def set_slot(self, slot: int, weights: SlicedWeights) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if "lora" in weights:
+            table, lora_b = weights["lora"]
+            self.lora_a[slot, :, : table.shape[1]].copy_(table, non_blocking=True)
+            self.lora_b[slot, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
+        if self.extra_rows is not None:
+            self.extra_rows[slot].zero_()
+            if "extra" in weights:
+                rows = weights["extra"][0]
+                self.extra_rows[slot, : rows.shape[0]].copy_(rows, non_blocking=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        meta = self.context.token_meta
+        if self.extra_rows is None or meta is None:
+            out = self.base_layer(input_ids)
+            is_extra = None
+        else:
+            is_extra = input_ids >= self.vocab_size
+            out = self.base_layer(torch.where(is_extra, 0, input_ids))
+            extra_index = is_extra.nonzero().flatten()
+            if extra_index.numel():
+                rows = self.extra_rows[meta.token_slots[extra_index], input_ids[extra_index] - self.vocab_size]
+                out.index_copy_(0, extra_index, rows.to(out.dtype))
+        if meta is not None and meta.has_lora:
+            lookup_ids = input_ids.clamp(max=self.vocab_size - 1)
+            buffer = self.lora_a[meta.token_slots.clamp(min=0), lookup_ids].float()
+            if is_extra is not None:
+                buffer.masked_fill_(is_extra[:, None], 0)
+            lora_expand(buffer, self.lora_b, meta, out)
+        return out
+
+
+class ParallelLMHeadWithLoRA(nn.Module):
+    """lm_head LoRA on the sampled rows, and logit columns for each slot's extra vocabulary.
+
+    With extra vocabulary the logits have `vocab + lora_extra_vocab_size` columns; columns a
+    row's adapter does not define are -inf, so they are never sampled.
+    """
+
+    def __init__(self, base: ParallelLMHead, spec: SlotSpec, context: LoRAContext, extra_vocab_size: int) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.context = context
+        hidden, vocab = base.embedding_dim, base.num_embeddings
+        self.lora_a = torch.zeros(spec.num_slots, spec.max_rank, hidden, dtype=spec.dtype, device=spec.device)
+        self.lora_b = torch.zeros(spec.num_slots, vocab, spec.max_rank, dtype=spec.dtype, device=spec.device)
+        self.extra_vocab_size = extra_vocab_size
+        self.extra_rows = torch.zeros(spec.num_slots, extra_vocab_size, hidden, dtype=spec.dtype, device=spec.device)
+        self.extra_count = torch.zeros(spec.num_slots, dtype=torch.int64, device=spec.device)
+
+    def slice_adapter(self, adapter: LoRAAdapter) -> SlicedWeights:
+        sliced: SlicedWeights = {}
+        if "lm_head" in adapter.modules:
+            weights = adapter.modules["lm_head"]
+            sliced["lora"] = (weights.lora_a, _scaled_b(weights))
+        extra = adapter.extra_vocab
+        if extra is not None and extra.output_embeddings is not None:
+            sliced["extra"] = (extra.output_embeddings, extra.output_embeddings)
+        return sliced
+
+    def set_slot(self, slot: int, weights: SlicedWeights) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if "lora" in weights:
+            lora_a, lora_b = weights["lora"]
+            self.lora_a[slot, : lora_a.shape[0]].copy_(lora_a, non_blocking=True)
+            self.lora_b[slot, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
+        self.extra_rows[slot].zero_()
+        rows = weights["extra"][0] if "extra" in weights else self.extra_rows[slot, :0]
+        self.extra_rows[slot, : rows.shape[0]].copy_(rows, non_blocking=True)
+        self.extra_count[slot] = rows.shape[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base_layer(hidden)
+        meta = self.context.row_meta
+        if meta is not None and meta.has_lora:
+            add_lora(logits, hidden, [self.lora_a], [self.lora_b], meta, [0])
+        if not self.extra_vocab_size:
+            return logits
+        extra_logits = torch.full((hidden.shape[0], self.extra_vocab_size), float("-inf"), device=logits.device)
+        if meta is not None and meta.has_lora:
+            slots = meta.token_slots
+            scores = lora_shrink(hidden, self.extra_rows, meta)
+            defined = torch.arange(self.extra_vocab_size, device=logits.device)[None, :] < self.extra_count[slots.clamp(min=0)][:, None]
+            extra_logits = torch.where(defined & (slots >= 0)[:, None], scores, extra_logits)
+        return torch.cat([logits, extra_logits.to(logits.dtype)], dim=-1)
+

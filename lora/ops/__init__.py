@@ -1,0 +1,142 @@
+"""Batched multi-LoRA ops (Punica pattern): one batch, many adapters, one slot index per token.
+
+Shapes: x [T, in] (2-D, contiguous rows); lora_a [num_slots, max_rank, in];
+lora_b [num_slots, out, max_rank] (rank zero-padded, scaling folded into B);
+buffer [T, max_rank] float32; out [T, total_out]. Inputs may be fp32/fp16/bf16; products
+accumulate in fp32. Tokens whose slot is -1 are never read or written.
+
+Packed layers (qkv, gate_up) pass lists: one A/B pair per projection, and either one
+`offset` (the slices sit side by side from there) or one offset per slice.
+
+Backend: Triton for CUDA tensors, torch otherwise; `RAYLORA_LORA_OPS=torch|triton`
+forces one (Triton on CPU needs `TRITON_INTERPRET=1` set before the kernels import).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from lora.ops import torch_ops
+from lora.ops.metadata import LoRAStepMetadata
+
+__all__ = ["LoRAStepMetadata", "add_lora", "lora_expand", "lora_shrink"]
+
+BACKEND_ENV = "RAYLORA_LORA_OPS"
+
+Tensors = torch.Tensor | Sequence[torch.Tensor]
+
+
+def lora_shrink(
+    x: torch.Tensor, lora_a: Tensors, meta: LoRAStepMetadata, out: Tensors | None = None
+) -> torch.Tensor | list[torch.Tensor]:
+    """buffer[t] = x[t] @ lora_a[slot[t]].T; a list of A's gives a list of buffers.
+
+    A new buffer is zero-filled; a given `out` keeps its base-token rows as they were.
+    """
+    if not isinstance(lora_a, torch.Tensor):
+        outs = out if out is not None else [None] * len(lora_a)
+        return [lora_shrink(x, a, meta, o) for a, o in zip(lora_a, outs)]
+    _check_shrink(x, lora_a, meta)
+    buffer = out if out is not None else x.new_zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32)
+    if meta.has_lora:
+        _backend(x).shrink(x, lora_a, meta, buffer)
+    return buffer
+
+
+def lora_expand(
+    buffer: Tensors,
+    lora_b: Tensors,
+    meta: LoRAStepMetadata,
+    out: torch.Tensor,
+    offset: int | Sequence[int] = 0,
+) -> None:
+    """out[t, offset:offset+size] += buffer[t] @ lora_b[slot[t]].T, in place; lists expand packed slices."""
+    buffers, bs = _as_list(buffer), _as_list(lora_b)
+    if len(buffers) != len(bs):
+        raise ValueError(f"{len(buffers)} buffers for {len(bs)} B matrices")
+    for h, b, col in zip(buffers, bs, _slice_offsets(bs, offset)):
+        if h.dim() != 2 or h.shape[0] != meta.num_tokens:
+            raise ValueError(f"buffer {tuple(h.shape)} is not [{meta.num_tokens}, rank]")
+        _check_expand(h.shape[1], b, meta, out, col)
+        if meta.has_lora:
+            _backend(out).expand(h, b, meta, out, col)
+
+
+def add_lora(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Tensors,
+    lora_b: Tensors,
+    meta: LoRAStepMetadata,
+    offset: int | Sequence[int] = 0,
+) -> None:
+    """out[:, offset:...] += LoRA delta of x: shrink then expand, fused per slot on the torch path."""
+    a_list, b_list = _as_list(lora_a), _as_list(lora_b)
+    if len(a_list) != len(b_list):
+        raise ValueError(f"{len(a_list)} A matrices for {len(b_list)} B matrices")
+    if not meta.has_lora:
+        return
+    backend = _backend(x)
+    if backend is torch_ops:
+        offsets = _slice_offsets(b_list, offset)
+        for a, b, col in zip(a_list, b_list, offsets):
+            _check_shrink(x, a, meta)
+            _check_expand(a.shape[1], b, meta, out, col)
+        torch_ops.add_lora(out, x, a_list, b_list, meta, offsets)
+        return
+    lora_expand(lora_shrink(x, a_list, meta), b_list, meta, out, offset)
+
+
+def _backend(t: torch.Tensor) -> ModuleType:
+    choice = os.environ.get(BACKEND_ENV, "").lower()
+    if choice not in ("", "auto", "torch", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be torch, triton or auto, got {choice!r}")
+    if choice == "triton" or (choice in ("", "auto") and t.is_cuda and _triton_installed()):
+        from lora.ops import triton_ops  # imported late: interpret mode is fixed at import
+
+        return triton_ops
+    return torch_ops
+
+
+@cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _as_list(tensors: Tensors) -> list[torch.Tensor]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def _slice_offsets(lora_b: list[torch.Tensor], offset: int | Sequence[int]) -> list[int]:
+    """One column offset per slice: given, or the slices laid side by side from `offset`."""
+    if not isinstance(offset, int):
+        if len(offset) != len(lora_b):
+            raise ValueError(f"{len(offset)} offsets for {len(lora_b)} slices")
+        return list(offset)
+    offsets = []
+    for b in lora_b:
+        offsets.append(offset)
+        offset += b.shape[1]
+    return offsets
+
+
+def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAStepMetadata) -> None:
+    if x.dim() != 2 or lora_a.dim() != 3 or x.shape[1] != lora_a.shape[2]:
+        raise ValueError(f"x {tuple(x.shape)} does not match lora_a {tuple(lora_a.shape)}")
+    if x.shape[0] != meta.num_tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens, metadata {meta.num_tokens}")
+
+
+def _check_expand(
+    rank: int, lora_b: torch.Tensor, meta: LoRAStepMetadata, out: torch.Tensor, offset: int
+) -> None:
+    if lora_b.dim() != 3 or lora_b.shape[2] != rank:
+        raise ValueError(f"rank {rank} does not match lora_b {tuple(lora_b.shape)}")
+    if out.shape[0] != meta.num_tokens or offset < 0 or offset + lora_b.shape[1] > out.shape[1]:
+        raise ValueError(f"out {tuple(out.shape)} cannot take {lora_b.shape[1]} columns at {offset}")

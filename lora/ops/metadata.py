@@ -1,0 +1,144 @@
+"""Per-step LoRA index tensors, built once per step and shared by every LoRA layer.
+
+A step's flat batch gives each token a slot (`-1` = base model only). The ops need
+that information in three shapes: the segments of consecutive tokens sharing a slot
+(SGMV), the same segments cut into fixed-size tiles (one Triton program each), and
+the token rows of each active slot (the torch path's per-slot matmuls). Computing
+them here once keeps every layer's hot path free of Python work per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Tokens per SGMV tile; 16 is the smallest M that `tl.dot` accepts.
+SGMV_TILE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class LoRAStepMetadata:
+    """Which LoRA slot every token of a step uses, in the forms the ops need.
+
+    Segments only cover LoRA tokens (slot >= 0); base-only tokens appear nowhere but in
+    `token_slots`, so every op leaves them untouched.
+    """
+
+    num_tokens: int
+    num_lora_tokens: int
+    token_slots: torch.Tensor  # [T] int64, on the compute device
+    seg_starts: torch.Tensor  # [S] int32, runs of consecutive tokens with one slot
+    seg_lens: torch.Tensor  # [S] int32
+    seg_slots: torch.Tensor  # [S] int32
+    tile_starts: torch.Tensor  # [N] int32, segments cut into <= SGMV_TILE_TOKENS tokens
+    tile_lens: torch.Tensor  # [N] int32
+    tile_slots: torch.Tensor  # [N] int32
+    lora_rows: slice | torch.Tensor  # LoRA tokens ordered by slot (stable); a slice when that is a range
+    slot_ends: torch.Tensor  # [num_slots] int32, where each slot's rows end within `lora_rows`
+    slot_ranges: tuple[tuple[int, int, int], ...]  # (slot, start, end) within `lora_rows`, active slots
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.tile_starts.numel())
+
+    @property
+    def has_lora(self) -> bool:
+        return self.num_lora_tokens > 0
+
+    @property
+    def prefers_bgmv(self) -> bool:
+        """Per-row kernels win when tiles are mostly empty (decode: one token per sequence)."""
+        return self.num_lora_tokens < 4 * self.num_tiles
+
+    @classmethod
+    def build(
+        cls,
+        token_slots: torch.Tensor | Sequence[int],
+        num_slots: int,
+        device: torch.device | str | None = None,
+    ) -> LoRAStepMetadata:
+        """Index a step's per-token slots (-1 = no LoRA); tensors land on `device` (default: token_slots')."""
+        if isinstance(token_slots, torch.Tensor):
+            device = token_slots.device if device is None else device
+            slots = token_slots.detach().to("cpu", torch.int64).reshape(-1)
+        else:
+            slots = torch.tensor(list(token_slots), dtype=torch.int64)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        _check_slots(slots, num_slots)
+
+        seg_starts, seg_lens, seg_slots = _lora_segments(slots)
+        tile_starts, tile_lens, tile_slots = _cut_into_tiles(seg_starts, seg_lens, seg_slots)
+        lora_rows, counts = _rows_by_slot(slots, num_slots)
+        ends = torch.cumsum(counts, 0)
+        slot_ranges = tuple(
+            (slot, end - count, end)
+            for slot, (count, end) in enumerate(zip(counts.tolist(), ends.tolist()))
+            if count
+        )
+
+        def on_device(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, torch.int32)
+
+        return cls(
+            num_tokens=int(slots.numel()),
+            num_lora_tokens=int(seg_lens.sum()),
+            token_slots=slots.to(device),
+            seg_starts=on_device(seg_starts),
+            seg_lens=on_device(seg_lens),
+            seg_slots=on_device(seg_slots),
+            tile_starts=on_device(tile_starts),
+            tile_lens=on_device(tile_lens),
+            tile_slots=on_device(tile_slots),
+            lora_rows=lora_rows if isinstance(lora_rows, slice) else lora_rows.to(device),
+            slot_ends=on_device(ends),
+            slot_ranges=slot_ranges,
+        )
+
+
+def _check_slots(slots: torch.Tensor, num_slots: int) -> None:
+    if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= num_slots):
+        raise ValueError(f"token slots must lie in [-1, {num_slots}), got {slots.min()}..{slots.max()}")
+
+
+def _lora_segments(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs of equal consecutive slots, base-only runs dropped."""
+    if slots.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, empty
+    changes = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), changes])
+    lens = torch.diff(starts, append=torch.tensor([slots.numel()]))
+    run_slots = slots[starts]
+    keep = run_slots >= 0
+    return starts[keep], lens[keep], run_slots[keep]
+
+
+def _cut_into_tiles(
+    seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tiles_per_seg = (seg_lens + SGMV_TILE_TOKENS - 1) // SGMV_TILE_TOKENS
+    tile_seg = torch.repeat_interleave(torch.arange(seg_starts.numel()), tiles_per_seg)
+    first_tile_of_seg = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg
+    index_in_seg = torch.arange(tile_seg.numel()) - first_tile_of_seg[tile_seg]
+    starts = seg_starts[tile_seg] + index_in_seg * SGMV_TILE_TOKENS
+    seg_ends = seg_starts[tile_seg] + seg_lens[tile_seg]
+    lens = torch.clamp(seg_ends - starts, max=SGMV_TILE_TOKENS)
+    return starts, lens, seg_slots[tile_seg]
+
+
+def _rows_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[slice | torch.Tensor, torch.Tensor]:
+    """LoRA token indices grouped by slot (one stable sort) and the count per slot.
+
+    When they are already a run of consecutive rows (one adapter, or prefill segments in
+    slot order) a slice is returned, so the torch path skips its gather and scatter.
+    """
+    lora_tokens = torch.nonzero(slots >= 0).flatten()
+    lora_slots = slots[lora_tokens]
+    ordered = lora_tokens[torch.sort(lora_slots, stable=True).indices]
+    counts = torch.bincount(lora_slots, minlength=num_slots)
+    n = ordered.numel()
+    if n and int(ordered[-1]) - int(ordered[0]) == n - 1 and bool((ordered[1:] > ordered[:-1]).all()):
+        return slice(int(ordered[0]), int(ordered[0]) + n), counts
+    return ordered, counts

@@ -1,0 +1,72 @@
+"""Plain-torch multi-LoRA ops: the reference path, and the fast path on CPU.
+
+The step's LoRA tokens are gathered once in slot order; then each projection is one
+grouped matmul (`torch._grouped_mm`, a loop over groups in C++) when the shapes meet its
+16-byte alignment rule, else a Python loop over the active slots. Either way the Python
+work per layer is bounded by `max_loras`, never by the number of tokens. Products run
+in float32, so half-precision inputs accumulate as they do in the Triton kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lora.ops.metadata import LoRAStepMetadata
+
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAStepMetadata, buffer: torch.Tensor) -> None:
+    """buffer[t] = x[t] @ lora_a[slot[t]].T for every LoRA token; base-token rows are left as they are."""
+    buffer[meta.lora_rows] = grouped_matmul(x[meta.lora_rows], lora_a, meta)
+
+
+def expand(
+    buffer: torch.Tensor, lora_b: torch.Tensor, meta: LoRAStepMetadata, out: torch.Tensor, offset: int
+) -> None:
+    """out[t, offset:offset+size] += buffer[t] @ lora_b[slot[t]].T for every LoRA token."""
+    delta = grouped_matmul(buffer[meta.lora_rows], lora_b, meta)
+    _add_rows(out[:, offset : offset + lora_b.shape[1]], meta.lora_rows, delta)
+
+
+def add_lora(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    meta: LoRAStepMetadata,
+    offsets: Sequence[int],
+) -> None:
+    """Shrink then expand without a [T, rank] buffer; a packed layer's slices share one gather of x."""
+    rows = x[meta.lora_rows]
+    for a, b, offset in zip(lora_a, lora_b, offsets):
+        delta = grouped_matmul(grouped_matmul(rows, a, meta), b, meta)
+        _add_rows(out[:, offset : offset + b.shape[1]], meta.lora_rows, delta)
+
+
+def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, meta: LoRAStepMetadata) -> torch.Tensor:
+    """rows [n, K] in slot order, weights [num_slots, N, K] -> [n, N] float32, each row by its slot's matrix."""
+    rows, weights_t = rows.float(), weights.float().transpose(1, 2)
+    if _HAS_GROUPED_MM and _aligned_for_grouped_mm(rows) and _aligned_for_grouped_mm(weights_t):
+        return torch._grouped_mm(rows, weights_t, offs=meta.slot_ends)
+    result = rows.new_empty(rows.shape[0], weights.shape[1])
+    for slot, start, end in meta.slot_ranges:
+        torch.matmul(rows[start:end], weights_t[slot], out=result[start:end])
+    return result
+
+
+def _aligned_for_grouped_mm(matrix: torch.Tensor) -> bool:
+    """`_grouped_mm` wants 16-byte aligned data and a 16-byte leading stride in its last two dims."""
+    elements = 16 // matrix.element_size()
+    leading = max(matrix.stride(-2), matrix.stride(-1))
+    unit = min(matrix.stride(-2), matrix.stride(-1))
+    return unit == 1 and leading % elements == 0 and matrix.data_ptr() % 16 == 0
+
+
+def _add_rows(target: torch.Tensor, rows: slice | torch.Tensor, delta: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        target[rows].add_(delta.to(target.dtype))
+    else:
+        target.index_add_(0, rows, delta.to(target.dtype))
