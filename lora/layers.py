@@ -46,7 +46,7 @@ class SlotSpec:
 SlicedWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # projection -> (A [r, in], B·scale [out, r])
 
 
-def _scaled_b(weights: LoRAModuleWeights) -> torch.Tensor:
+def scaled_b(weights: LoRAModuleWeights) -> torch.Tensor:
     return weights.lora_b * weights.scaling
 
 
@@ -54,14 +54,15 @@ class LinearWithLoRA(nn.Module):
     """Shared slot handling of the linear wrappers: one A/B buffer pair per projection."""
 
     def __init__(self, base: nn.Module, projections: list[str], in_features: int, out_sizes: list[int],
-                 spec: SlotSpec, context: LoRAContext) -> None:
+                 spec: SlotSpec, context: LoRAContext, a_rows: int | None = None) -> None:
         super().__init__()
         self.base_layer = base
         self.projections = projections
         self.context = context
         # The model reads these off its layers (e.g. to split a packed output).
         self.input_size, self.output_size, self.output_sizes = base.input_size, base.output_size, base.output_sizes
-        self.lora_a = [torch.zeros(spec.num_slots, spec.max_rank, in_features, dtype=spec.dtype, device=spec.device)
+        a_rows = spec.max_rank if a_rows is None else a_rows
+        self.lora_a = [torch.zeros(spec.num_slots, a_rows, in_features, dtype=spec.dtype, device=spec.device)
                        for _ in projections]
         self.lora_b = [torch.zeros(spec.num_slots, size, spec.max_rank, dtype=spec.dtype, device=spec.device)
                        for size in out_sizes]
@@ -85,9 +86,10 @@ class LinearWithLoRA(nn.Module):
 class ColumnParallelLinearWithLoRA(LinearWithLoRA):
     """Column layers, packed or not: each projection's delta lands in its own output columns."""
 
-    def __init__(self, base: ColumnParallelLinear, projections: list[str], spec: SlotSpec, context: LoRAContext) -> None:
+    def __init__(self, base: ColumnParallelLinear, projections: list[str], spec: SlotSpec, context: LoRAContext,
+                 a_rows: int | None = None) -> None:
         self.shards = list(base.shards.values())
-        super().__init__(base, projections, base.input_size, [s.size for s in self.shards], spec, context)
+        super().__init__(base, projections, base.input_size, [s.size for s in self.shards], spec, context, a_rows)
         self.offsets = [shard.offset for shard in self.shards]
 
     def slice_adapter(self, modules: dict[str, LoRAModuleWeights]) -> SlicedWeights:
@@ -95,7 +97,7 @@ class ColumnParallelLinearWithLoRA(LinearWithLoRA):
         for name, shard in zip(self.projections, self.shards):
             if name in modules:
                 weights = modules[name]
-                rows = _scaled_b(weights)[shard.source_start : shard.source_start + shard.size]
+                rows = scaled_b(weights)[shard.source_start : shard.source_start + shard.size]
                 sliced[name] = (weights.lora_a, rows)
         return sliced
 
@@ -106,8 +108,10 @@ class ColumnParallelLinearWithLoRA(LinearWithLoRA):
 
 
 class RowParallelLinearWithLoRA(LinearWithLoRA):
-    def __init__(self, base: RowParallelLinear, projection: str, spec: SlotSpec, context: LoRAContext) -> None:
-        super().__init__(base, [projection], base.input_size, [base.output_size], spec, context)
+    def __init__(self, base: RowParallelLinear, projection: str, spec: SlotSpec, context: LoRAContext,
+                 output_rows: int | None = None) -> None:
+        out = base.output_size if output_rows is None else output_rows
+        super().__init__(base, [projection], base.input_size, [out], spec, context)
 
     def slice_adapter(self, modules: dict[str, LoRAModuleWeights]) -> SlicedWeights:
         name = self.projections[0]
@@ -116,7 +120,7 @@ class RowParallelLinearWithLoRA(LinearWithLoRA):
         base = self.base_layer
         start = base.tp_rank * base.input_size
         weights = modules[name]
-        return {name: (weights.lora_a[:, start : start + base.input_size], _scaled_b(weights))}
+        return {name: (weights.lora_a[:, start : start + base.input_size], scaled_b(weights))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = self.base_layer.local_forward(x)
@@ -147,7 +151,7 @@ class VocabParallelEmbeddingWithLoRA(nn.Module):
         sliced: SlicedWeights = {}
         if "embed_tokens" in adapter.modules:
             weights = adapter.modules["embed_tokens"]
-            sliced["lora"] = (weights.lora_a.t(), _scaled_b(weights))
+            sliced["lora"] = (weights.lora_a.t(), scaled_b(weights))
         if adapter.extra_vocab is not None:
             rows = adapter.extra_vocab.input_embeddings
             sliced["extra"] = (rows, rows)
@@ -209,7 +213,7 @@ class ParallelLMHeadWithLoRA(nn.Module):
         sliced: SlicedWeights = {}
         if "lm_head" in adapter.modules:
             weights = adapter.modules["lm_head"]
-            sliced["lora"] = (weights.lora_a, _scaled_b(weights))
+            sliced["lora"] = (weights.lora_a, scaled_b(weights))
         extra = adapter.extra_vocab
         if extra is not None and extra.output_embeddings is not None:
             sliced["extra"] = (extra.output_embeddings, extra.output_embeddings)

@@ -16,6 +16,7 @@ from torch import nn
 
 from cluster.config import EngineConfig
 from lora.adapter import LoRAAdapter, load_adapter
+from lora.fully_sharded import ColumnParallelLinearWithShardedLoRA, RowParallelLinearWithShardedLoRA
 from lora.layers import (
     PACKED_PROJECTIONS,
     ColumnParallelLinearWithLoRA,
@@ -63,6 +64,9 @@ class LoRAManager:
         """Replace every LoRA-capable layer by its wrapper; keys like "layers.3.qkv_proj", "lm_head"."""
         wrappers: dict[str, nn.Module] = {}
         extra = self.config.lora_extra_vocab_size
+        sharded = self.config.fully_sharded_loras
+        column_class = ColumnParallelLinearWithShardedLoRA if sharded else ColumnParallelLinearWithLoRA
+        row_class = RowParallelLinearWithShardedLoRA if sharded else RowParallelLinearWithLoRA
         for name, module in list(model.named_modules()):
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, ParallelLMHead):
@@ -73,10 +77,10 @@ class LoRAManager:
                 key = "embed_tokens"
             elif isinstance(module, ColumnParallelLinear):
                 projections = list(PACKED_PROJECTIONS.get(leaf, (leaf,)))
-                wrapper = ColumnParallelLinearWithLoRA(module, projections, self.spec, self.context)
+                wrapper = column_class(module, projections, self.spec, self.context)
                 key = f"layers.{_layer_index(name)}.{leaf}"
             elif isinstance(module, RowParallelLinear):
-                wrapper = RowParallelLinearWithLoRA(module, leaf, self.spec, self.context)
+                wrapper = row_class(module, leaf, self.spec, self.context)
                 key = f"layers.{_layer_index(name)}.{leaf}"
             else:
                 continue
