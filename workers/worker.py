@@ -80,6 +80,11 @@ class Worker:
     def ping(self) -> int:
         return self.rank
 
+    @staticmethod
+    def node_id() -> str:
+        """The Ray node this rank was placed on."""
+        return ray.get_runtime_context().get_node_id()
+
 
 # Two threads: adapter prefetches read the disk while steps run.
 WorkerActor = ray.remote(max_concurrency=2)(Worker)
