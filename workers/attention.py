@@ -1,8 +1,9 @@
 """Paged attention: write this step's K/V into the block-paged cache, attend over block tables.
 
-The torch path gathers each sequence's cached keys into a padded batch and runs one masked
-scaled-dot-product attention for the whole step, prefill and decode alike: no per-sequence
-or per-token Python loop. The index tensors it needs are built once per step
+The torch path pads the step into a batch and runs one masked scaled-dot-product attention for
+all sequences: a prefill (everything is recomputed, nothing is cached before it) attends over
+its own new keys; a decode gathers each sequence's cache blocks, whole blocks at a time. No
+per-sequence or per-token Python loop; the index tensors are built once per step
 (`AttentionMetadata.build`) and shared by every layer.
 """
 
@@ -20,7 +21,7 @@ class AttentionMetadata:
     """Per-step index tensors, identical for every layer of the model."""
 
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
-    gather_slots: torch.Tensor  # [B, L] cache slot of each sequence's key positions 0..L-1
+    gather_blocks: torch.Tensor  # [B, M] cache blocks holding each sequence's positions 0..M*block_size-1
     query_index: torch.Tensor  # [B, Q] flat token index of each sequence's queries (padded)
     query_valid: torch.Tensor  # [B, Q] False on padding
     attn_mask: torch.Tensor  # [B, 1, Q, L] True where the query may attend the key
@@ -38,30 +39,36 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """From flat positions [T], per-sequence query/context lengths [B] and block tables [B, M]."""
         device = positions.device
-        batch = query_lens.shape[0]
         max_query = int(query_lens.max())
-        max_context = int(context_lens.max())
-        offsets = torch.arange(block_size, device=device)
-        slots = (block_tables[:, :, None] * block_size + offsets).reshape(batch, -1)
-        gather_slots = slots[:, :max_context]
+        num_blocks = -(-int(context_lens.max()) // block_size)
+        gather_blocks = block_tables[:, :num_blocks]
+        key_len = max_query if is_prefill else num_blocks * block_size
         query_starts = torch.cumsum(query_lens, 0) - query_lens
         steps = torch.arange(max_query, device=device)
         query_valid = steps[None, :] < query_lens[:, None]
         query_index = torch.where(query_valid, query_starts[:, None] + steps[None, :], 0)
         query_pos = torch.where(query_valid, positions[query_index], 0)
-        key_pos = torch.arange(max_context, device=device)
+        key_pos = torch.arange(key_len, device=device)
         attn_mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
-        return AttentionMetadata(slot_mapping, gather_slots, query_index, query_valid, attn_mask, is_prefill)
+        return AttentionMetadata(slot_mapping, gather_blocks, query_index, query_valid, attn_mask, is_prefill)
 
 
 class Attention(nn.Module):
-    """Attention over this rank's heads; `k_cache`/`v_cache` are bound by the model runner."""
+    """Attention over this rank's heads and its shard of the block-paged KV cache."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.block_size = 0
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+
+    def allocate_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Zeroed, so cache rows no sequence wrote can never feed NaNs into attention."""
+        shape = (num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        self.block_size = block_size
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
@@ -70,11 +77,19 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         self.k_cache[meta.slot_mapping] = k
         self.v_cache[meta.slot_mapping] = v
-        keys = self.k_cache[meta.gather_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        values = self.v_cache[meta.gather_slots].transpose(1, 2)
+        if meta.is_prefill:  # every key of the sequence is new in this step
+            keys, values = k[meta.query_index], v[meta.query_index]  # [B, Q, Hkv, D]
+        else:
+            keys, values = self._gather(self.k_cache, meta), self._gather(self.v_cache, meta)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
         queries = q.view(tokens, self.num_heads, self.head_dim)[meta.query_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.attn_mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, Q, D]
         return out.transpose(1, 2)[meta.query_valid].reshape(tokens, self.num_heads * self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """[B, M*block_size, Hkv, D]: each sequence's blocks, copied whole."""
+        blocks = cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)[meta.gather_blocks]
+        return blocks.flatten(1, 2)

@@ -89,13 +89,9 @@ class ModelRunner:
         return peak
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Zeroed, so masked-out cache rows can never feed NaNs into attention."""
         self.num_blocks = num_blocks
-        num_slots = num_blocks * self.config.block_size
         for layer in self.attention_layers:
-            shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.allocate_cache(num_blocks, self.config.block_size, self.dtype, self.device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.tensor(array, device=self.device)  # a copy: Ray hands over read-only arrays

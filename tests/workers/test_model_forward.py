@@ -56,8 +56,7 @@ class PagedRun:
         self.cached = [0] * len(prompts)
         for module in model.modules():
             if isinstance(module, Attention):
-                shape = (NUM_BLOCKS * BLOCK_SIZE, module.num_kv_heads, module.head_dim)
-                module.k_cache, module.v_cache = torch.zeros(shape), torch.zeros(shape)
+                module.allocate_cache(NUM_BLOCKS, BLOCK_SIZE, torch.float32, torch.device("cpu"))
         blocks_per_seq = -(-(max(map(len, prompts)) + DECODE_STEPS) // BLOCK_SIZE)
         scattered = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed))
         self.block_tables = scattered[: len(prompts) * blocks_per_seq].view(len(prompts), blocks_per_seq)
