@@ -3,8 +3,8 @@
 A step's flat batch gives each token a slot (`-1` = base model only). The ops need
 that information in three shapes: the segments of consecutive tokens sharing a slot
 (SGMV), the same segments cut into fixed-size tiles (one Triton program each), and
-the token rows of each active slot (the torch path's per-slot matmuls). Computing
-them here once keeps every layer's hot path free of Python work per token.
+the LoRA rows grouped by slot (the torch path's grouped matmuls). Computing them here
+once keeps every layer's hot path free of Python work per token.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Tokens per SGMV tile; 16 is the smallest M that `tl.dot` accepts.
+# Tokens per SGMV tile: the M of its `tl.dot`, 16 being the smallest tensor-core tile.
 SGMV_TILE_TOKENS = 16
 
 

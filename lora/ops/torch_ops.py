@@ -1,8 +1,8 @@
 """Plain-torch multi-LoRA ops: the reference path, and the fast path on CPU.
 
 The step's LoRA tokens are gathered once in slot order; then each projection is one
-grouped matmul (`torch._grouped_mm`, a loop over groups in C++) when the shapes meet its
-16-byte alignment rule, else a Python loop over the active slots. Either way the Python
+grouped matmul (`torch._grouped_mm`, a loop over groups in C++) on CPU when the shapes
+meet its 16-byte alignment rule, else a Python loop over the active slots. Either way the Python
 work per layer is bounded by `max_loras`, never by the number of tokens. Products run
 in float32, so half-precision inputs accumulate as they do in the Triton kernels.
 """
@@ -49,12 +49,22 @@ def add_lora(
 def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, meta: LoRAStepMetadata) -> torch.Tensor:
     """rows [n, K] in slot order, weights [num_slots, N, K] -> [n, N] float32, each row by its slot's matrix."""
     rows, weights_t = rows.float(), weights.float().transpose(1, 2)
-    if _HAS_GROUPED_MM and _aligned_for_grouped_mm(rows) and _aligned_for_grouped_mm(weights_t):
+    if _grouped_mm_applies(rows, weights_t):
         return torch._grouped_mm(rows, weights_t, offs=meta.slot_ends)
     result = rows.new_empty(rows.shape[0], weights.shape[1])
     for slot, start, end in meta.slot_ranges:
         torch.matmul(rows[start:end], weights_t[slot], out=result[start:end])
     return result
+
+
+def _grouped_mm_applies(rows: torch.Tensor, weights_t: torch.Tensor) -> bool:
+    # On CUDA `_grouped_mm` takes only bf16 on recent GPUs; there the Triton kernels are the fast path.
+    return (
+        _HAS_GROUPED_MM
+        and rows.device.type == "cpu"
+        and _aligned_for_grouped_mm(rows)
+        and _aligned_for_grouped_mm(weights_t)
+    )
 
 
 def _aligned_for_grouped_mm(matrix: torch.Tensor) -> bool:
