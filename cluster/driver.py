@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from cluster.config import EngineConfig
 from cluster.engine import EngineCore, EngineLimits
 from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
-from cluster.lora_registry import LoRARegistry
+from cluster.lora_registry import AdapterInfo, LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.sampling_params import SamplingParams
@@ -64,7 +64,6 @@ class Driver:
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
         self.loras = LoRARegistry(self._validate_adapter, config.resolved_served_model_name)
-        self._extra_tokens: dict[str, int] = {}
         self.workers = WorkerGroup(config)
         self.engine: EngineCore | None = None
         self._pending: dict[str, _PendingRequest] = {}
@@ -127,7 +126,7 @@ class Driver:
 
     # ---- adapters -------------------------------------------------------------------------
 
-    def _validate_adapter(self, name: str, path: str) -> None:
+    def _validate_adapter(self, name: str, path: str) -> AdapterInfo:
         """Read and check the whole adapter against the model before it is listed."""
         if not self.config.enable_lora:
             raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="lora_path")
@@ -136,7 +135,22 @@ class Driver:
             lora_extra_vocab_size=self.config.lora_extra_vocab_size, allowed_roots=self.config.allowed_lora_roots,
             allow_pickle=self.config.allow_pickle_adapters,
         )
-        self._extra_tokens[name] = adapter.extra_vocab.num_tokens if adapter.extra_vocab else 0
+        return AdapterInfo(
+            extra_tokens=adapter.extra_vocab.num_tokens if adapter.extra_vocab else 0,
+            rope_table=self._rope_table(name, adapter.long_context_factor),
+        )
+
+    def _rope_table(self, name: str, factor: float | None) -> int:
+        if factor is None:
+            return 0
+        factors = list(self.config.long_lora_scaling_factors or ())
+        if factor not in factors:
+            raise InvalidRequestError(
+                f"LoRA adapter {name!r} was trained for a context {factor:g}x the model's: start the engine with "
+                f"{factor:g} in long_lora_scaling_factors (now {factors or 'unset'})",
+                param="lora_path",
+            )
+        return 1 + factors.index(factor)
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Register an adapter (validated first); workers start reading it into their CPU caches."""
@@ -150,7 +164,6 @@ class Driver:
     async def remove_lora(self, lora_name: str) -> bool:
         """Unlist an adapter; requests already running with it finish."""
         request = self.loras.remove(lora_name)
-        self._extra_tokens.pop(lora_name, None)
         await self.workers.remove_lora(request.lora_int_id)
         return True
 
@@ -194,8 +207,8 @@ class Driver:
         request = self._resolve_lora(lora)
         token_ids = self._token_ids(prompt)
         seed = params.seed if params.seed is not None else self._random.getrandbits(62)
-        extra = self._extra_tokens.get(request.lora_name, 0) if request else 0
-        self.engine.add_request(request_id, token_ids, params, noise_seed=seed, lora=request, extra_vocab=extra)
+        info = self.loras.info(request.lora_name) if request else AdapterInfo()
+        self.engine.add_request(request_id, token_ids, params, noise_seed=seed, lora=request, adapter=info)
         name = request.lora_name if request else None
         self._pending[request_id] = _PendingRequest(token_ids, name, params.logprobs is not None)
         self._wakeup.set()

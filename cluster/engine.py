@@ -16,6 +16,7 @@ from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.errors import InvalidRequestError
+from cluster.lora_registry import AdapterInfo
 from cluster.model_checks import check_kv_capacity, resolve_max_model_len, resolve_max_num_batched_tokens
 from cluster.outputs import StreamDelta, TokenLogprob
 from cluster.sampling_params import SamplingParams
@@ -118,16 +119,16 @@ class EngineCore:
         params: SamplingParams,
         noise_seed: int,
         lora: LoRARequest | None = None,
-        extra_vocab: int = 0,
+        adapter: AdapterInfo = AdapterInfo(),
     ) -> Sequence:
-        self.validate_prompt(prompt_token_ids, extra_vocab)
+        self.validate_prompt(prompt_token_ids, adapter.extra_tokens)
         if lora is not None and self.slots is None:
             raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="model")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         seq = Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=list(map(int, prompt_token_ids)),
-            sampling=params, lora=lora, noise_seed=noise_seed,
+            sampling=params, lora=lora, noise_seed=noise_seed, rope_table=adapter.rope_table,
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
         self.requests[request_id] = RequestState(seq, detokenizer, lora.lora_name if lora else None)
@@ -184,6 +185,7 @@ class EngineCore:
         batch_loras = {seq.lora_id: seq.lora for seq in seqs if seq.lora is not None}
         step.lora_loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
         step.lora_slots = np.array([self.slots.slot(seq.lora_id) for seq in seqs], dtype=np.int64)
+        step.rope_tables = np.array([seq.rope_table for seq in seqs], dtype=np.int64)
 
     @staticmethod
     def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

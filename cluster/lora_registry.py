@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cluster.errors import InvalidRequestError, ModelNotFoundError
 from lora.request import LoRARequest
 
 
-class LoRARegistry:
-    """`validate(name, path)` raises InvalidRequestError for an adapter that cannot be served."""
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What scheduling needs to know of an adapter beyond its name and path."""
 
-    def __init__(self, validate: Callable[[str, str], None], base_model_name: str) -> None:
+    extra_tokens: int = 0  # added tokens, ids from the base vocabulary size on
+    rope_table: int = 0  # long-context adapters: 1 + index of their factor in long_lora_scaling_factors
+
+
+class LoRARegistry:
+    """`validate(name, path)` returns the adapter's AdapterInfo, or raises InvalidRequestError for
+    an adapter that cannot be served."""
+
+    def __init__(self, validate: Callable[[str, str], AdapterInfo], base_model_name: str) -> None:
         self._validate = validate
         self.base_model_name = base_model_name
         self._by_name: dict[str, LoRARequest] = {}
+        self._info: dict[str, AdapterInfo] = {}
         self._next_id = 1
 
     def add(self, name: str, path: str) -> LoRARequest:
@@ -28,10 +39,11 @@ class LoRARegistry:
                 f"an adapter named {name!r} is already loaded from {existing.lora_path}: unload it first",
                 param="lora_name",
             )
-        self._validate(name, path)
+        info = self._validate(name, path)
         request = LoRARequest(name, self._next_id, path)
         self._next_id += 1
         self._by_name[name] = request
+        self._info[name] = info
         return request
 
     def register(self, request: LoRARequest) -> LoRARequest:
@@ -44,7 +56,11 @@ class LoRARegistry:
     def remove(self, name: str) -> LoRARequest:
         if name not in self._by_name:
             raise ModelNotFoundError(f"no adapter named {name!r} is loaded", param="lora_name")
+        self._info.pop(name, None)
         return self._by_name.pop(name)
+
+    def info(self, name: str) -> AdapterInfo:
+        return self._info[name]
 
     def get(self, name: str) -> LoRARequest | None:
         return self._by_name.get(name)

@@ -7,9 +7,22 @@ from workers.models.config import ModelConfig
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
-    """The config's max_model_len, or the model's own; checked against what the model can serve."""
+    """The config's max_model_len, or the model's own; checked against what the model can serve.
+
+    Long-context adapters (`long_lora_scaling_factors`) stretch the limit by their largest factor.
+    """
     max_model_len = config.max_model_len or model.max_position_embeddings
-    model.check_max_model_len(max_model_len)
+    factors = config.long_lora_scaling_factors if config.enable_lora else None
+    if not factors:
+        model.check_max_model_len(max_model_len)
+        return max_model_len
+    longest = int(model.max_position_embeddings * max(factors))
+    if max_model_len > longest:
+        raise ValueError(
+            f"max_model_len ({max_model_len}) exceeds max_position_embeddings x the largest "
+            f"long_lora_scaling_factor ({longest}): lower max_model_len"
+        )
+    model.check_max_model_len(min(max_model_len, model.max_position_embeddings))
     return max_model_len
 
 

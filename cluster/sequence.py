@@ -26,6 +26,7 @@ class Sequence:
     sampling: SamplingParams
     lora: LoRARequest | None = None  # None is the base model
     noise_seed: int = 0  # per-request sampling stream, fixed at arrival
+    rope_table: int = 0  # rotary table of a long-context adapter; 0 = the model's own
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

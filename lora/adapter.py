@@ -12,6 +12,7 @@ embedding delta of token t is `A[:, t] · Bᵀ · scaling` (a column lookup inst
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,9 @@ class LoRAAdapter:
     rank: int  # the largest module rank: what a slot must hold
     modules: dict[str, LoRAModuleWeights]
     extra_vocab: ExtraVocab | None = None
+    # Long-context adapters were trained with linear rope scaling by this factor (vLLM's rule:
+    # ceil(context_length / max_position_embeddings)); None for ordinary adapters.
+    long_context_factor: float | None = None
 
     def num_bytes(self) -> int:
         tensors = [t for weights in self.modules.values() for t in (weights.lora_a, weights.lora_b)]
@@ -176,7 +180,13 @@ def load_adapter(
         raise InvalidRequestError(
             f"LoRA adapter {name!r} at {path!r}: {problem}", param="lora_path"
         ) from None
-    return LoRAAdapter(name=name, path=str(directory), rank=rank, modules=modules, extra_vocab=extra_vocab)
+    factor = None
+    if config.context_length is not None and config.context_length > model.max_position_embeddings:
+        factor = float(math.ceil(config.context_length / model.max_position_embeddings))
+    return LoRAAdapter(
+        name=name, path=str(directory), rank=rank, modules=modules, extra_vocab=extra_vocab,
+        long_context_factor=factor,
+    )
 
 
 def _adapter_directory(path: str, allowed_roots: list[str] | tuple[str, ...]) -> Path:

@@ -54,6 +54,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] | str = ()  # name suffixes, one regex, or "all-linear"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    context_length: int | None = None  # long-context (LongLoRA) adapters: the context they were trained for
 
     @classmethod
     def from_file(cls, path: Path) -> AdapterConfig:
@@ -90,11 +91,14 @@ class AdapterConfig:
             target_modules=targets if isinstance(targets, str) else tuple(targets),
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            context_length=raw.get("context_length"),
         )
         config._check_values()
         return config
 
     def _check_values(self) -> None:
+        if self.context_length is not None and (not isinstance(self.context_length, int) or self.context_length < 1):
+            raise AdapterProblem(f"context_length is {self.context_length!r}, not a positive integer: fix adapter_config.json")
         ranks = {"r": self.rank} | {
             f"rank_pattern[{key!r}]": value for key, value in self.rank_pattern.items()
         }

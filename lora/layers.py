@@ -33,6 +33,7 @@ class LoRAContext:
 
     token_meta: LoRAStepMetadata | None = None  # one slot per flat token
     row_meta: LoRAStepMetadata | None = None  # one slot per sampled row (lm_head)
+    rope_offsets: torch.Tensor | None = None  # per flat token: where its rotary table starts
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cluster.config import EngineConfig
+from cluster.model_checks import resolve_max_model_len
 from lora.adapter import LoRAAdapter, load_adapter
 from lora.fully_sharded import ColumnParallelLinearWithShardedLoRA, RowParallelLinearWithShardedLoRA
 from lora.layers import (
@@ -27,6 +28,7 @@ from lora.layers import (
     SlotSpec,
     VocabParallelEmbeddingWithLoRA,
 )
+from lora.long_context import LongContextRotaryEmbedding
 from lora.ops import LoRAStepMetadata
 from lora.request import LoRARequest
 from lora.slots import SlotLoad
@@ -52,6 +54,7 @@ class LoRAManager:
         self.spec = SlotSpec(config.max_loras, config.max_lora_rank, self.dtype, device)
         self.context = LoRAContext()
         self.layers = self._wrap(model)
+        self.rotary = self._install_long_context_rope(model) if config.long_lora_scaling_factors else None
         self.cpu_cache: OrderedDict[int, AdapterSlices] = OrderedDict()
         self.cache_capacity = config.resolved_max_cpu_loras
         self.slot_lora_ids: list[int | None] = [None] * config.max_loras
@@ -88,6 +91,18 @@ class LoRAManager:
             setattr(parent, leaf, wrapper)
             wrappers[key] = wrapper
         return wrappers
+
+    def _install_long_context_rope(self, model: nn.Module) -> LongContextRotaryEmbedding:
+        """One shared multi-table rope in every attention layer, long enough for max_model_len."""
+        table_len = max(resolve_max_model_len(self.config, self.model_config), self.model_config.max_position_embeddings)
+        rotary = LongContextRotaryEmbedding(
+            self.model_config.head_dim, table_len, self.model_config.rope,
+            tuple(self.config.long_lora_scaling_factors or ()), self.context,
+        ).to(self.spec.device)
+        for module in model.modules():
+            if hasattr(module, "rotary_emb"):
+                module.rotary_emb = rotary
+        return rotary
 
     # ---- adapters ---------------------------------------------------------------------------
 
@@ -147,8 +162,14 @@ class LoRAManager:
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def set_step(self, lora_slots: np.ndarray | None, query_lens: np.ndarray) -> None:
-        """The slot of every flat token and every sampled row, for all LoRA layers at once."""
+    def set_step(self, lora_slots: np.ndarray | None, query_lens: np.ndarray, rope_tables: np.ndarray | None) -> None:
+        """The slot of every flat token and every sampled row, for all LoRA layers at once, and
+        (long-context adapters) which rotary table each token reads."""
+        if self.rotary is not None and rope_tables is not None:
+            offsets = np.repeat(rope_tables * self.rotary.table_len, query_lens)
+            self.context.rope_offsets = torch.from_numpy(offsets).to(self.spec.device)
+        else:
+            self.context.rope_offsets = None
         if lora_slots is None:
             self.context.token_meta = self.context.row_meta = None
             return

@@ -100,7 +100,7 @@ class ModelRunner:
     def _forward_logits(self, step: StepInput) -> torch.Tensor:
         if self.lora is not None:
             self.lora.apply_loads(step.lora_loads)
-            self.lora.set_step(step.lora_slots, step.query_lens)
+            self.lora.set_step(step.lora_slots, step.query_lens, step.rope_tables)
         positions = self._tensor(step.positions)
         query_lens = self._tensor(step.query_lens)
         meta = AttentionMetadata.build(

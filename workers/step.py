@@ -36,6 +36,7 @@ class StepInput:
     is_prefill: bool
     sampling: SamplingBatch
     lora_slots: np.ndarray | None = None  # [B] adapter slot per sequence, -1 = base model
+    rope_tables: np.ndarray | None = None  # [B] rotary table per sequence (long-context adapters), 0 = base
     lora_loads: list = field(default_factory=list)  # slot loads to apply before the forward
 
 
