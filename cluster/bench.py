@@ -102,19 +102,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for each side")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "in-process", "ray"])
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`raylora bench [engine] ...` or `raylora bench lora ...`."""
+    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    if argv and argv[0] == "lora":
+        from cluster.bench_lora import main as bench_lora
+
+        return bench_lora(argv[1:])
+    if argv and argv[0] == "engine":
+        argv = argv[1:]
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(args.model) if args.model else write_random_llama(Path(scratch) / "bench-llama")
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
         config = EngineConfig(
-            model=str(model_dir), device="cpu", dtype="float32", max_num_seqs=args.max_num_seqs,
+            model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
             cpu_kv_cache_bytes=256 << 20, torch_threads_per_worker=args.threads,
             max_model_len=max(args.prompt_len) + max(args.output_len),
         )

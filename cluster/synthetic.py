@@ -41,3 +41,49 @@ def write_random_llama(out_dir: str | Path, seed: int = 0, init_std: float = 0.0
     model.save_pretrained(str(out))
     write_word_tokenizer(out, settings["vocab_size"])
     return out
+
+
+PROJECTION_PATHS = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
+}
+
+
+def write_random_adapter(
+    base_dir: str | Path, out_dir: str | Path, rank: int = 16, alpha: float = 32,
+    targets: tuple[str, ...] = tuple(PROJECTION_PATHS), seed: int = 0, scale: float = 0.02,
+) -> Path:
+    """A PEFT-format LoRA adapter (adapter_config.json + adapter_model.safetensors) with random A and B,
+    written directly in peft's file layout so that no training or peft install is needed."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    shapes = {  # (out, in)
+        "q_proj": (config["num_attention_heads"] * head_dim, hidden),
+        "k_proj": (config["num_key_value_heads"] * head_dim, hidden),
+        "v_proj": (config["num_key_value_heads"] * head_dim, hidden),
+        "o_proj": (hidden, config["num_attention_heads"] * head_dim),
+        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for projection in targets:
+            out_features, in_features = shapes[projection]
+            prefix = f"base_model.model.model.layers.{layer}.{PROJECTION_PATHS[projection]}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * scale
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir), "r": rank,
+        "lora_alpha": alpha, "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return out

@@ -1,0 +1,167 @@
+"""`raylora bench lora`: many adapters mixed in one workload, against transformers + peft.
+
+N requests spread round-robin over K rank-r adapters on all seven projections, varied prompt
+and output lengths, EOS ignored. Reports: raylora with the adapters mixed (through the driver
+actor and in-process), the same engine serving the base model only (the LoRA overhead ratio),
+peft's mixed-adapter `generate(adapter_names=...)` in static batches, and the time to move an
+adapter from the worker's CPU cache into a slot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.bench import Workload, make_workload
+from cluster.config import EngineConfig
+from cluster.sampling_params import SamplingParams
+from cluster.synthetic import write_random_adapter, write_random_llama
+from lora.request import LoRARequest
+from lora.slots import SlotLoad
+
+
+def run_peft(model_dir: Path, adapters: list[Path], workload: Workload, names: list[str], batch_size: int,
+             threads: int) -> float:
+    """Seconds for peft to serve the workload, mixed adapters per batch, static batches."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for index, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(str(path), adapter_name=f"a{index}")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    start = time.perf_counter()
+    for first in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[first : first + batch_size]
+        longest = max(map(len, prompts))
+        input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        new_tokens = max(workload.output_lens[first : first + batch_size])
+        with torch.inference_mode():
+            model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                adapter_names=names[first : first + batch_size],
+            )
+    return time.perf_counter() - start
+
+
+def run_in_process(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) -> dict[str, float]:
+    from cluster.offline import OfflineEngine
+
+    engine = OfflineEngine(config)
+    warm = [SamplingParams(max_tokens=2, temperature=0)] * len(loras)
+    engine.generate([[5, 6]] * len(loras), warm, loras)  # every adapter read into the CPU cache once
+    start = time.perf_counter()
+    engine.generate(workload.prompts, workload.params(), [loras[i % len(loras)] for i in range(len(workload.prompts))])
+    mixed = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.generate(workload.prompts, workload.params())
+    base_only = time.perf_counter() - start
+    return {"mixed": mixed, "base": base_only, "swap_ms": measure_swap_ms(engine, loras[0])}
+
+
+def measure_swap_ms(engine, lora: LoRARequest, repeats: int = 50) -> float:
+    """Milliseconds to copy one adapter from the worker's CPU cache into a slot (all wrapped layers)."""
+    manager = engine.worker.runner.lora
+    manager.get_slices(lora)
+    load = [SlotLoad(0, lora)]
+    manager.apply_loads(load)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        manager.apply_loads(load)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def run_ray(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) -> float:
+    import ray
+
+    from cluster.driver import launch
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        driver = launch(config)
+        warm = [SamplingParams(max_tokens=2, temperature=0)] * len(loras)
+        ray.get(driver.generate.remote([[5, 6]] * len(loras), warm, loras))
+        mixed = [loras[i % len(loras)] for i in range(len(workload.prompts))]
+        start = time.perf_counter()
+        ray.get(driver.generate.remote(workload.prompts, workload.params(), mixed))
+        return time.perf_counter() - start
+    finally:
+        ray.shutdown()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raylora bench lora", description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "in-process", "ray"])
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = write_random_llama(Path(scratch) / "bench-llama")
+        adapters = [write_random_adapter(model_dir, Path(scratch) / f"a{i}", rank=args.rank, seed=i) for i in range(args.adapters)]
+        vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
+        loras = [LoRARequest(f"a{i}", i + 1, str(path)) for i, path in enumerate(adapters)]
+        config = EngineConfig(
+            model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+            cpu_kv_cache_bytes=256 << 20, torch_threads_per_worker=args.threads,
+            max_model_len=max(args.prompt_len) + max(args.output_len), enable_lora=True,
+            max_loras=args.adapters, max_cpu_loras=args.adapters, max_lora_rank=args.rank,
+        )
+        tokens = workload.useful_tokens
+        if "ray" not in args.skip:
+            figures["raylora, mixed adapters (driver + worker actor)"] = tokens / run_ray(config, workload, loras)
+        if "in-process" not in args.skip:
+            result = run_in_process(config, workload, loras)
+            figures["raylora, mixed adapters (in-process)"] = tokens / result["mixed"]
+            figures["raylora, base model only (in-process)"] = tokens / result["base"]
+            figures["swap CPU cache -> slot (ms)"] = result["swap_ms"]
+        if "peft" not in args.skip:
+            names = [f"a{i % args.adapters}" for i in range(args.num_requests)]
+            seconds = run_peft(model_dir, adapters, workload, names, args.hf_batch_size, args.threads)
+            figures[f"peft generate(adapter_names) (static batch {args.hf_batch_size})"] = tokens / seconds
+    print(f"{args.num_requests} requests over {args.adapters} rank-{args.rank} adapters (all 7 projections), "
+          f"{workload.useful_tokens} useful output tokens")
+    for name, value in figures.items():
+        unit = "" if "ms" in name else " tokens/s"
+        print(f"  {name:<58} {value:>10.2f}{unit}")
+    peft_rate = next((v for k, v in figures.items() if k.startswith("peft")), None)
+    mixed = figures.get("raylora, mixed adapters (in-process)")
+    if peft_rate and mixed:
+        print(f"raylora (in-process) / peft: {mixed / peft_rate:.2f}x")
+    ray_rate = figures.get("raylora, mixed adapters (driver + worker actor)")
+    if peft_rate and ray_rate:
+        print(f"raylora (driver + worker actor) / peft: {ray_rate / peft_rate:.2f}x")
+    if mixed and "raylora, base model only (in-process)" in figures:
+        print(f"LoRA overhead ratio (mixed / base only): {mixed / figures['raylora, base model only (in-process)']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
