@@ -44,12 +44,10 @@ def make_workload(num_requests: int, vocab_size: int, prompt_range: tuple[int, i
     return Workload(prompts, [int(n) for n in output_lens])
 
 
-def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threads: int) -> float:
-    """Seconds for transformers to serve the workload in static batches of `batch_size`."""
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def generate_static_batches(model, workload: Workload, batch_size: int, adapter_names: list[str] | None = None) -> float:
+    """Seconds for HF `generate` to serve the workload in left-padded static batches, each batch
+    running to its longest output (peft takes `adapter_names`, one per row)."""
+    model.eval()
     model.generation_config.eos_token_id = None
     start = time.perf_counter()
     for first in range(0, len(workload.prompts), batch_size):
@@ -58,12 +56,21 @@ def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threa
         input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
         new_tokens = max(workload.output_lens[first : first + batch_size])
+        extra = {"adapter_names": adapter_names[first : first + batch_size]} if adapter_names else {}
         with torch.inference_mode():
             model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra,
             )
     return time.perf_counter() - start
+
+
+def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threads: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return generate_static_batches(model, workload, batch_size)
 
 
 def run_engine_in_process(config: EngineConfig, workload: Workload) -> tuple[float, list[list[int]]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench import Workload, make_workload
+from cluster.bench import Workload, generate_static_batches, make_workload
 from cluster.config import EngineConfig
 from cluster.sampling_params import SamplingParams
 from cluster.synthetic import write_random_adapter, write_random_llama
@@ -36,22 +36,7 @@ def run_peft(model_dir: Path, adapters: list[Path], workload: Workload, names: l
     model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for index, path in enumerate(adapters[1:], start=1):
         model.load_adapter(str(path), adapter_name=f"a{index}")
-    model.eval()
-    model.generation_config.eos_token_id = None
-    start = time.perf_counter()
-    for first in range(0, len(workload.prompts), batch_size):
-        prompts = workload.prompts[first : first + batch_size]
-        longest = max(map(len, prompts))
-        input_ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-        new_tokens = max(workload.output_lens[first : first + batch_size])
-        with torch.inference_mode():
-            model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                adapter_names=names[first : first + batch_size],
-            )
-    return time.perf_counter() - start
+    return generate_static_batches(model, workload, batch_size, names)
 
 
 def run_in_process(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) -> dict[str, float]:
