@@ -128,7 +128,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--api-key",
         default=os.environ.get("RAYLORA_API_KEY"),
-        help="require this bearer token on /v1 requests (default: $RAYLORA_API_KEY, else none)",
+        help="require this bearer token on every endpoint (default: $RAYLORA_API_KEY, else none)",
     )
     server.add_argument(
         "--address", default=None, help="Ray cluster address to join (default: start a local Ray)"

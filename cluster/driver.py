@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class Driver:
         self._tasks: list[asyncio.Task] = []
         self._random = random.Random(config.seed)
         self._unavailable: str | None = "starting"  # why requests are refused right now
+        self._unavailable_since = time.monotonic()
         self._worker_failure: BaseException | None = None
         self._step_in_flight = False
         self.num_restarts = 0
@@ -342,6 +344,7 @@ class Driver:
         """
         logger.error("worker failure, rebuilding the worker group: %s", failure)
         self._unavailable = f"rebuilding workers after a failure: {failure}"
+        self._unavailable_since = time.monotonic()
         error = EngineDeadError(f"a worker failed while serving this request ({failure}): retry it")
         for pending in list(self._pending.values()):
             pending.deltas.put_nowait(error)
@@ -360,6 +363,14 @@ class Driver:
             self.workers.prefetch_lora(lora)
         self._worker_failure = None
         self.num_restarts += 1
+
+    async def check_health(self, max_unavailable_s: float = 120.0) -> None:
+        """Raise when the engine cannot serve and is not about to again (for Serve's health checks)."""
+        crashed = [task for task in self._tasks if task.done()]
+        if crashed:
+            raise EngineDeadError(f"the engine's step loop stopped: {crashed[0].exception()!r}")
+        if self._unavailable is not None and time.monotonic() - self._unavailable_since > max_unavailable_s:
+            raise EngineDeadError(f"the engine has not served for {max_unavailable_s:.0f}s: {self._unavailable}")
 
     async def worker_handles(self) -> list:
         """The worker actors (for fault-injection tests and debugging)."""

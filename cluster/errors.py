@@ -25,6 +25,13 @@ class InvalidRequestError(RayLoRAError, ValueError):
     error_type = "invalid_request_error"
 
 
+class RuntimeUpdatesDisabledError(RayLoRAError):
+    """Runtime adapter loading was not enabled by the operator."""
+
+    status = 403
+    error_type = "permission_error"
+
+
 class ModelNotFoundError(RayLoRAError, LookupError):
     """The request names a model or adapter that is not registered."""
 
@@ -44,3 +51,12 @@ class EngineDeadError(RayLoRAError):
 
     status = 503
     error_type = "engine_unavailable"
+
+
+def as_raylora_error(exc: BaseException) -> RayLoRAError | None:
+    """The RayLoRAError behind `exc`, however many Ray hops wrapped it."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc if isinstance(exc, RayLoRAError) else None

@@ -176,7 +176,7 @@ class LoRAManager:
         device = self.spec.device
         token_slots = torch.from_numpy(np.repeat(lora_slots, query_lens))
         self.context.token_meta = LoRAStepMetadata.build(token_slots, self.spec.num_slots, device)
-        self.context.row_meta = LoRAStepMetadata.build(torch.from_numpy(lora_slots), self.spec.num_slots, device)
+        self.context.row_meta = LoRAStepMetadata.build(torch.tensor(lora_slots), self.spec.num_slots, device)
 
 
 def _layer_index(module_name: str) -> int:

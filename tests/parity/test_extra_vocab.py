@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM
 from cluster import EngineConfig, SamplingParams, launch
 from cluster.errors import InvalidRequestError
 from cluster.synthetic import write_word_tokenizer
-from lora.request import LoRARequest
 from tests.adapters import load_peft_model, make_peft_adapter, write_new_embeddings
 from tests.checkpoints import make_random_checkpoint
 from tests.parity.test_lora_parity import reference_tokens

@@ -1,0 +1,616 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of engine replicas.
+
+`OpenAIIngress` (FastAPI) is thin: it parses the protocol, tokenizes (chat template included), streams
+server-sent events and turns every error into OpenAI's error format. Each `LoRAEngine` replica owns
+one engine: a driver actor and its workers.
+
+Routing: an adapter request carries the adapter's name as Serve's multiplexed model id, so Serve sends
+it preferably to a replica that already served that adapter (warm slots and CPU cache) and spreads it
+only when those replicas are full (`max_ongoing_requests`); base-model requests go anywhere.
+
+Adapters live in the engines, not in the ingress: load, unload, list and stats are broadcast to every
+engine replica, and a replica that starts later copies the adapters its peers serve (their drivers are
+named actors), so any number of ingress replicas see the same adapters.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cluster.config import EngineConfig
+from cluster.engine_deployment import LoRAEngine
+from cluster.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    RayLoRAError,
+    RuntimeUpdatesDisabledError,
+    as_raylora_error,
+)
+from cluster.openai_protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    UnloadLoRAAdapterRequest,
+    UsageInfo,
+    chat_logprobs,
+    completion_logprobs,
+    random_id,
+)
+from cluster.outputs import StreamDelta, TokenLogprob
+from cluster.sampling_params import SamplingParams
+from cluster.server_metrics import CONTENT_TYPE, ChoiceTimer, ServerMetrics
+from lora.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+RUNTIME_LORA_ENV = "RAYLORA_ALLOW_RUNTIME_LORA_UPDATING"
+API_KEY_ENV = "RAYLORA_API_KEY"
+REPLICA_HEADER = "x-raylora-replica"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CONTROL_TIMEOUT_S = 120.0
+
+
+def runtime_lora_updating_allowed(config: EngineConfig, environ: dict[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return config.allow_runtime_lora_updating or environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true", "yes")
+
+
+def describe_error(exc: BaseException) -> ErrorResponse:
+    """Any failure as an OpenAI error body; `code` is its HTTP status."""
+    error = as_raylora_error(exc)
+    if error is not None:
+        return ErrorResponse.from_error(error)
+    if isinstance(exc, BackPressureError | DeploymentUnavailableError):
+        return ErrorResponse.of(503, "the server is at capacity: retry later", "server_overloaded")
+    if isinstance(exc, RayActorError):
+        return ErrorResponse.of(503, f"an engine replica is unavailable: {exc}", "engine_unavailable")
+    return ErrorResponse.of(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    body = describe_error(exc)
+    status = int(body.error.code)
+    if status == 500:
+        logger.error("request failed", exc_info=exc)
+    headers = {"Retry-After": "1"} if status == 503 else None  # tells clients the failure is temporary
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 as OpenAI's 400, naming the first bad field."""
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    message = first.get("msg", "invalid request")
+    if location:
+        message = f"{'.'.join(location)}: {message}"
+    return error_response(InvalidRequestError(message, param=location[0] if location else None))
+
+
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    kinds = {404: "not_found_error", 405: "invalid_request_error"}
+    body = ErrorResponse.of(exc.status_code, str(exc.detail), kinds.get(exc.status_code, "invalid_request_error"))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code)
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer <api key>`.
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer streamed responses and
+    hide a client's disconnect from the handler.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = ErrorResponse.of(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                                        "authentication_error")
+                await JSONResponse(body.model_dump(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---- the ingress ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One generated sequence of a response: its prompt, its engine stream, what it produced so far."""
+
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    timer: ChoiceTimer
+    stream: DeploymentResponseGenerator | None = None
+    replica_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def absorb(self, delta: StreamDelta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        self.finish_reason = delta.finish_reason
+        self.timer.on_tokens(len(delta.token_ids))
+        if delta.finished:
+            self.timer.finish()
+
+
+@dataclass
+class Generation:
+    """Everything one HTTP request generates: n choices per prompt, each on its own engine stream."""
+
+    model: str  # as the client named it, echoed in responses
+    metric_label: str
+    choices: list[Choice]
+    id: str
+
+    @property
+    def replica_ids(self) -> str:
+        return ",".join(sorted({choice.replica_id for choice in self.choices}))
+
+    def usage(self) -> UsageInfo:
+        usage = UsageInfo()
+        for choice in self.choices:
+            usage.add(len(choice.prompt_token_ids), len(choice.token_ids))
+        return usage
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between /v1/completions and /v1/chat/completions; None max tokens = what fits."""
+
+    id_prefix: str
+    default_max_tokens: int | None
+    to_json: Callable[[Generation, SamplingRequest], BaseModel]
+    to_chunks: Callable[[Generation, SamplingRequest], AsyncIterator[BaseModel]]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.engine = engine
+        self.config = config
+        self.base_model = config.resolved_served_model_name
+        self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        self.allow_runtime_updates = runtime_lora_updating_allowed(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
+        self.metrics = ServerMetrics()
+        self._engine_info: dict[str, Any] | None = None
+        self.completions = Endpoint("cmpl", DEFAULT_COMPLETION_MAX_TOKENS, self._completion_json, self._completion_chunks)
+        self.chat_completions = Endpoint("chatcmpl", None, self._chat_json, self._chat_chunks)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Routes are bound methods of this replica, so settings need no module-level state."""
+        api = FastAPI(title="raylora", docs_url=None, redoc_url=None)
+        api.add_exception_handler(RequestValidationError, lambda _, exc: validation_error_response(exc))
+        api.add_exception_handler(StarletteHTTPException, lambda _, exc: http_error_response(exc))
+        for error_class in (RayLoRAError, RayTaskError, RayActorError, BackPressureError, Exception):
+            api.add_exception_handler(error_class, lambda _, exc: error_response(exc))
+        if self.api_key:
+            api.add_middleware(BearerAuth, api_key=self.api_key)
+        api.post("/v1/completions")(self.create_completion)
+        api.post("/v1/chat/completions")(self.create_chat_completion)
+        api.get("/v1/models")(self.list_models)
+        api.post("/v1/load_lora_adapter")(self.load_lora_adapter)
+        api.post("/v1/unload_lora_adapter")(self.unload_lora_adapter)
+        api.get("/health")(self.health)
+        api.get("/metrics")(self.render_metrics)
+        return api
+
+    # ---- endpoints ----------------------------------------------------------------------------
+
+    async def create_completion(self, body: CompletionRequest) -> Response:
+        body.check_supported()
+        prompts = self._completion_prompts(body.prompt)
+        return await self._respond(body, prompts, body.logprobs, self.completions)
+
+    async def create_chat_completion(self, body: ChatCompletionRequest) -> Response:
+        body.check_supported()
+        body.max_tokens = body.requested_max_tokens
+        return await self._respond(body, [self._chat_prompt(body)], body.num_logprobs, self.chat_completions)
+
+    async def list_models(self) -> ModelList:
+        info = await self._info()
+        cards = [ModelCard(id=self.base_model, root=self.config.model, max_model_len=info["max_model_len"])]
+        cards += [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=self.base_model)
+                  for lora in await self._adapters()]
+        return ModelList(data=cards)
+
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        """Validated in every replica's driver before it is listed; any failure undoes the load."""
+        self._check_runtime_updates()
+        if any(lora.lora_name == body.lora_name for lora in await self._adapters()):
+            raise InvalidRequestError(f"the adapter {body.lora_name!r} is already loaded: unload it first",
+                                      param="lora_name")
+        results = await self._broadcast("add_adapter", body.lora_name, body.lora_path)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            await self._broadcast("remove_adapter", body.lora_name)
+            raise failures[0]
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        self._check_runtime_updates()
+        results = await self._broadcast("remove_adapter", body.lora_name)
+        errors = [result for result in results if isinstance(result, BaseException)]
+        if errors:
+            raise errors[0]
+        if not any(results):
+            raise ModelNotFoundError(f"the adapter {body.lora_name!r} is not loaded", param="lora_name")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def health(self) -> Response:
+        await self._info(refresh=True)
+        return Response(status_code=200)
+
+    async def render_metrics(self) -> Response:
+        results = await self._broadcast("stats")
+        stats = [result for result in results if isinstance(result, dict)]
+        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
+
+    # ---- engine access ------------------------------------------------------------------------
+
+    async def _info(self, refresh: bool = False) -> dict[str, Any]:
+        if self._engine_info is None or refresh:
+            self._engine_info = await self.engine.info.remote()
+        return self._engine_info
+
+    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
+        """Call `method` on every engine replica; exceptions come back as list items."""
+        await self._info()  # a first routed call makes the handle learn the replicas
+        response = self.engine.broadcast(method, *args)
+        return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+
+    async def _adapters(self) -> list[LoRARequest]:
+        """Union over replicas (they agree unless one is mid-load)."""
+        by_name: dict[str, LoRARequest] = {}
+        for result in await self._broadcast("list_adapters"):
+            if isinstance(result, list):
+                by_name |= {lora.lora_name: lora for lora in result}
+        return list(by_name.values())
+
+    def _check_runtime_updates(self) -> None:
+        if not self.allow_runtime_updates:
+            raise RuntimeUpdatesDisabledError(
+                "loading and unloading adapters at runtime is disabled: start the server with "
+                f"allow_runtime_lora_updating: true (--allow-runtime-lora-updating) or {RUNTIME_LORA_ENV}=1"
+            )
+
+    def _adapter_of(self, model: str | None) -> str | None:
+        """None for the base model; the adapter's name for `adapter` or `base:adapter`."""
+        if not model or model == self.base_model:
+            return None
+        adapter = model.removeprefix(self.base_model + ":")
+        if not self.config.enable_lora:
+            raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
+        return adapter
+
+    # ---- prompts --------------------------------------------------------------------------------
+
+    def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.tokenizer(prompt).input_ids]
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return [self.tokenizer(item).input_ids if isinstance(item, str) else list(item) for item in prompt]
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        """Render the chat template to text, then tokenize it as is: the template adds bos itself."""
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [message.template_dict() for message in body.messages], tokenize=False,
+                add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}),
+            )
+        except Exception as exc:  # no template, or the template rejects these messages
+            raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    async def _max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
+        """vLLM's rule: prompt plus max_tokens must fit max_model_len; unset means what fits."""
+        max_model_len = (await self._info())["max_model_len"]
+        room = max_model_len - prompt_len
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens but max_model_len is {max_model_len}: shorten the prompt",
+                param="prompt",
+            )
+        if requested is None:
+            return min(default, room) if default else room
+        if requested < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        if requested > room:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {max_model_len} tokens, but {prompt_len + requested} "
+                f"were requested ({prompt_len} in the prompt, {requested} for the completion): lower "
+                "max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
+        return requested
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    async def _respond(
+        self, body: SamplingRequest, prompts: list[list[int]], num_logprobs: int | None, endpoint: Endpoint
+    ) -> Response:
+        model = body.model or self.base_model
+        adapter = self._adapter_of(body.model)
+        label = adapter or self.base_model
+        try:
+            generation = await self._start(body, prompts, num_logprobs, endpoint, model, adapter, label)
+        except Exception as exc:  # answered here: Serve's own handlers would not use OpenAI's format
+            self._count_failure(label, exc)
+            return error_response(exc)
+        headers = {REPLICA_HEADER: generation.replica_ids}
+        if body.stream:
+            events = self._server_sent_events(generation, endpoint.to_chunks(generation, body))
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        try:
+            await asyncio.gather(*(self._drain(choice) for choice in generation.choices))
+        except Exception as exc:
+            self._count_failure(label, exc)
+            return error_response(exc)
+        finally:
+            self._close(generation)
+        self.metrics.requests.labels(label, "ok").inc()
+        return JSONResponse(endpoint.to_json(generation, body).model_dump(), headers=headers)
+
+    def _count_failure(self, label: str, exc: Exception) -> None:
+        """Unknown model names count as one label: clients must not grow the metric's label set."""
+        if isinstance(as_raylora_error(exc), ModelNotFoundError):
+            label = "unknown"
+        self.metrics.requests.labels(label, str(describe_error(exc).error.code)).inc()
+
+    async def _start(
+        self, body: SamplingRequest, prompts: list[list[int]], num_logprobs: int | None, endpoint: Endpoint,
+        model: str, adapter: str | None, label: str,
+    ) -> Generation:
+        """Open one engine stream per choice; all are accepted, or none stays open."""
+        choices = []
+        for prompt in prompts:
+            max_tokens = await self._max_tokens(len(prompt), body.max_tokens, endpoint.default_max_tokens)
+            for sample in range(body.n):
+                params = body.sampling_params(max_tokens, num_logprobs, sample)
+                choices.append(Choice(len(choices), prompt, params, self.metrics.timer(label)))
+        generation = Generation(model, label, choices, random_id(endpoint.id_prefix))
+        handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
+        opened = await asyncio.gather(*(self._open(handle, choice, adapter) for choice in choices),
+                                      return_exceptions=True)
+        failures = [result for result in opened if isinstance(result, BaseException)]
+        if failures:
+            self._close(generation)
+            raise failures[0]
+        for choice in choices:
+            self.metrics.prompt_tokens.labels(label).inc(len(choice.prompt_token_ids))
+        return generation
+
+    @staticmethod
+    async def _open(handle: DeploymentHandle, choice: Choice, adapter: str | None) -> None:
+        choice.stream = handle.generate.remote(choice.prompt_token_ids, choice.params, adapter)
+        start = await choice.stream.__anext__()
+        if isinstance(start, RayLoRAError):
+            raise start
+        choice.replica_id = start.replica_id
+
+    @staticmethod
+    async def _drain(choice: Choice) -> None:
+        assert choice.stream is not None
+        async for delta in choice.stream:
+            choice.absorb(delta)
+
+    @staticmethod
+    def _close(generation: Generation) -> None:
+        """Cancel unfinished engine streams, which aborts their requests in the engines."""
+        for choice in generation.choices:
+            if choice.stream is not None and choice.finish_reason is None:
+                choice.stream.cancel()
+
+    async def _merged(self, generation: Generation) -> AsyncIterator[tuple[Choice, StreamDelta]]:
+        """The choices' deltas interleaved as they arrive."""
+        queue: asyncio.Queue[tuple[Choice, StreamDelta | BaseException]] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for delta in choice.stream:
+                    await queue.put((choice, delta))
+            except Exception as exc:
+                await queue.put((choice, exc))
+
+        tasks = [asyncio.create_task(pump(choice)) for choice in generation.choices]
+        try:
+            unfinished = len(tasks)
+            while unfinished:
+                choice, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choice.absorb(item)
+                unfinished -= item.finished
+                yield choice, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            self._close(generation)
+
+    async def _server_sent_events(self, generation: Generation, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+        """`data: {json}` events then `data: [DONE]`; a failure after the headers went out is an error event."""
+        status = "ok"
+        try:
+            async for chunk in chunks:
+                yield f"data: {chunk.model_dump_json()}\n\n"
+        except asyncio.CancelledError:
+            status = "disconnected"
+            raise
+        except Exception as exc:
+            error = describe_error(exc)
+            status = str(error.error.code)
+            yield f"data: {error.model_dump_json()}\n\n"
+        finally:
+            self.metrics.requests.labels(generation.metric_label, status).inc()
+            self._close(generation)
+        yield "data: [DONE]\n\n"
+
+    # ---- response formats -----------------------------------------------------------------------
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _completion_json(self, generation: Generation, body: SamplingRequest) -> CompletionResponse:
+        choices = [
+            CompletionChoice(
+                index=choice.index, text=choice.text, finish_reason=choice.finish_reason,
+                logprobs=completion_logprobs(choice.logprobs, self._decode_token, choice.text, 0)
+                if choice.params.logprobs is not None else None,
+                **self._token_id_fields(body, choice, choice.token_ids, True),
+            )
+            for choice in generation.choices
+        ]
+        return CompletionResponse(id=generation.id, model=generation.model, choices=choices, usage=generation.usage())
+
+    async def _completion_chunks(self, generation: Generation, body: SamplingRequest) -> AsyncIterator[BaseModel]:
+        offsets = {choice.index: 0 for choice in generation.choices}
+        started: set[int] = set()
+        async for choice, delta in self._merged(generation):
+            if not _worth_sending(delta, body):
+                continue
+            logprobs = None
+            if choice.params.logprobs is not None:
+                logprobs = completion_logprobs(delta.logprobs or [], self._decode_token, delta.text,
+                                               offsets[choice.index])
+            offsets[choice.index] += len(delta.text)
+            first = choice.index not in started
+            started.add(choice.index)
+            chunk_choice = CompletionChoice(
+                index=choice.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                **self._token_id_fields(body, choice, delta.token_ids, first),
+            )
+            yield CompletionResponse(id=generation.id, model=generation.model, choices=[chunk_choice])
+        if body.include_usage_in_stream:
+            yield CompletionResponse(id=generation.id, model=generation.model, choices=[], usage=generation.usage())
+
+    def _chat_json(self, generation: Generation, body: SamplingRequest) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=choice.index, message=ChatMessageOut(content=choice.text), finish_reason=choice.finish_reason,
+                logprobs=chat_logprobs(choice.logprobs, self._decode_token)
+                if choice.params.logprobs is not None else None,
+                **self._token_id_fields(body, choice, choice.token_ids, True),
+            )
+            for choice in generation.choices
+        ]
+        return ChatCompletionResponse(id=generation.id, model=generation.model,
+                                      choices=choices, usage=generation.usage())
+
+    async def _chat_chunks(self, generation: Generation, body: SamplingRequest) -> AsyncIterator[BaseModel]:
+        for choice in generation.choices:  # OpenAI opens every choice with the assistant's role
+            opening = ChatStreamChoice(index=choice.index, delta=ChatDelta(role="assistant", content=""),
+                                       **self._token_id_fields(body, choice, [], True))
+            yield ChatCompletionChunk(id=generation.id, model=generation.model, choices=[opening])
+        async for choice, delta in self._merged(generation):
+            if not _worth_sending(delta, body):
+                continue
+            chunk_choice = ChatStreamChoice(
+                index=choice.index, delta=ChatDelta(content=delta.text), finish_reason=delta.finish_reason,
+                logprobs=chat_logprobs(delta.logprobs or [], self._decode_token)
+                if choice.params.logprobs is not None else None,
+                **self._token_id_fields(body, choice, delta.token_ids, False),
+            )
+            yield ChatCompletionChunk(id=generation.id, model=generation.model, choices=[chunk_choice])
+        if body.include_usage_in_stream:
+            yield ChatCompletionChunk(id=generation.id, model=generation.model, choices=[], usage=generation.usage())
+
+    @staticmethod
+    def _token_id_fields(body: SamplingRequest, choice: Choice, token_ids: list[int], with_prompt: bool) -> dict:
+        if not body.return_token_ids:
+            return {}
+        fields: dict[str, list[int]] = {"token_ids": list(token_ids)}
+        if with_prompt:
+            fields["prompt_token_ids"] = choice.prompt_token_ids
+        return fields
+
+
+def _worth_sending(delta: StreamDelta, body: SamplingRequest) -> bool:
+    """Skip empty chunks (a stop string may hold text back) unless they carry something asked for."""
+    return bool(delta.text or delta.finished or delta.logprobs or (body.return_token_ids and delta.token_ids))
+
+
+
+# ---- the application builder ------------------------------------------------------------------
+
+
+class AppArgs(BaseModel):
+    """`args` of the Serve config's application (configs/serve.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: dict[str, Any] = Field(description="EngineConfig fields, as in an engine YAML.")
+    num_replicas: int = Field(1, ge=1, description="Engine replicas; each owns a whole engine.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one engine replica takes before Serve routes elsewhere or queues."
+    )
+    api_key: str | None = Field(None, description=f"Bearer token for every endpoint; else ${API_KEY_ENV}.")
+
+
+def _absolute(path: str) -> str:
+    """A relative path that exists here, made absolute: replicas may run in another directory."""
+    local = Path(path).expanduser()
+    return str(local.resolve()) if not local.is_absolute() and local.exists() else path
+
+
+def with_absolute_paths(config: EngineConfig) -> EngineConfig:
+    return config.model_copy(update={
+        "served_model_name": config.resolved_served_model_name,  # clients keep the name they were given
+        "model": _absolute(config.model),
+        "tokenizer": config.tokenizer and _absolute(config.tokenizer),
+        "lora_modules": {name: _absolute(path) for name, path in config.lora_modules.items()},
+        "allowed_lora_roots": [_absolute(root) for root in config.allowed_lora_roots],
+    })
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
+    """The Serve application: `import_path: cluster.serve_app:build_app` in a Serve config."""
+    parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    config = with_absolute_paths(EngineConfig.from_dict(parsed.engine, source="args.engine"))
+    engine = LoRAEngine.options(
+        num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests
+    ).bind(config)
+    return OpenAIIngress.bind(engine, config, parsed.api_key)
+
