@@ -1,0 +1,27 @@
+"""Shared fixtures: one tiny offline model + adapters per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from cluster.make_tiny import TinyManifest, make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyManifest:
+    """The manifest of a freshly made tiny checkpoint (base dir, adapters, markers, demo prompts).
+
+    Building takes ~30 s, so it happens once per session; set RAYLORA_TINY_DIR to a directory that
+    `raylora make-tiny` already filled to reuse it while iterating.
+    """
+    prebuilt = os.environ.get("RAYLORA_TINY_DIR")
+    if prebuilt and (Path(prebuilt) / "manifest.json").exists():
+        return TinyManifest.load(Path(prebuilt) / "manifest.json")
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
