@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,7 +60,9 @@ class LoRAManager:
         self.cache_capacity = config.resolved_max_cpu_loras
         self.slot_lora_ids: list[int | None] = [None] * config.max_loras
         self.pin_memory = device.type == "cuda"
-        self._lock = threading.Lock()  # prefetches run beside steps on another actor thread
+        self._lock = threading.Lock()  # prefetches run beside steps on a background thread
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
+        self._loading: dict[int, Future] = {}
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -127,14 +130,35 @@ class LoRAManager:
         tensor = tensor.contiguous().clone()
         return tensor.pin_memory() if self.pin_memory else tensor
 
+    def prefetch(self, lora: LoRARequest) -> None:
+        """Read the adapter into the CPU cache in the background, so a later slot load finds it there."""
+        with self._lock:
+            if lora.lora_int_id in self.cpu_cache or lora.lora_int_id in self._loading:
+                return
+            self._loading[lora.lora_int_id] = self._prefetcher.submit(self._read_into_cache, lora)
+
     def get_slices(self, lora: LoRARequest) -> AdapterSlices:
-        """From the CPU cache (LRU), or read from disk and cache."""
+        """From the CPU cache (LRU), from a prefetch under way, or read from disk now."""
         with self._lock:
             cached = self.cpu_cache.get(lora.lora_int_id)
             if cached is not None:
                 self.cpu_cache.move_to_end(lora.lora_int_id)
                 self.cache_hits += 1
                 return cached
+            loading = self._loading.get(lora.lora_int_id)
+        if loading is not None:
+            loading.result()
+            return self.get_slices(lora)
+        return self._read_into_cache(lora)
+
+    def _read_into_cache(self, lora: LoRARequest) -> AdapterSlices:
+        try:
+            return self._load_and_cache(lora)
+        finally:
+            with self._lock:
+                self._loading.pop(lora.lora_int_id, None)
+
+    def _load_and_cache(self, lora: LoRARequest) -> AdapterSlices:
         adapter = load_adapter(
             lora.lora_path, lora.lora_name, self.model_config, max_lora_rank=self.config.max_lora_rank,
             lora_dtype=self.dtype, lora_extra_vocab_size=self.config.lora_extra_vocab_size,

@@ -32,7 +32,8 @@ class Worker:
         self.rank = rank
         self.runner: ModelRunner | None = None
         self.store: dist.Store | None = None
-        torch.set_num_threads(_threads_for(config))
+        self.threads = _threads_for(config)
+        torch.set_num_threads(self.threads)
 
     def host_rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the group's key-value store on a port the OS picks, already bound, so no
@@ -62,9 +63,9 @@ class Worker:
         return self.runner.execute(step)
 
     def prefetch_lora(self, lora: LoRARequest) -> None:
-        """Read an adapter into the CPU cache ahead of use; runs beside steps on its own thread."""
+        """Start reading an adapter into the CPU cache, on a background thread, and return."""
         assert self.runner is not None and self.runner.lora is not None
-        self.runner.lora.get_slices(lora)
+        self.runner.lora.prefetch(lora)
 
     def remove_lora(self, lora_id: int) -> None:
         assert self.runner is not None and self.runner.lora is not None
@@ -86,5 +87,7 @@ class Worker:
         return ray.get_runtime_context().get_node_id()
 
 
-# Two threads: adapter prefetches read the disk while steps run.
-WorkerActor = ray.remote(max_concurrency=2)(Worker)
+# A plain (single-threaded) actor: torch runs measurably slower on a threaded actor's pool
+# threads than on the actor's main thread (docs/benchmarks.md), so steps stay on the main thread
+# and adapter prefetches use a background thread of the LoRA manager.
+WorkerActor = ray.remote(Worker)
