@@ -20,7 +20,7 @@ import torch
 from cluster.bench import Workload, generate_static_batches, make_workload
 from cluster.config import EngineConfig
 from cluster.sampling_params import SamplingParams
-from cluster.synthetic import write_random_adapter, write_random_llama
+from cluster.synthetic import PRESETS, write_random_adapter, write_random_llama
 from lora.request import LoRARequest
 from lora.slots import SlotLoad
 
@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="shape of the random benchmark model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "in-process", "ray"])
     parser.add_argument("--json", help="also write the figures to this file")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_random_llama(Path(scratch) / "bench-llama")
+        model_dir = write_random_llama(Path(scratch) / "bench-llama", **PRESETS[args.preset])
         adapters = [write_random_adapter(model_dir, Path(scratch) / f"a{i}", rank=args.rank, seed=i) for i in range(args.adapters)]
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)

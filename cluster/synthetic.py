@@ -27,6 +27,16 @@ def write_word_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
 
+# Model shapes for benchmarks: "tiny" is make-tiny's shape (framework overhead dominates on a CPU),
+# "small" is 4x wider and twice as deep (matrix work dominates).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4),
+}
+
+
 def write_random_llama(out_dir: str | Path, seed: int = 0, init_std: float = 0.05, **config_overrides) -> Path:
     """A random-weight Llama checkpoint (float32 safetensors) with a word tokenizer beside it."""
     settings = dict(
