@@ -43,7 +43,3 @@ class SamplingParams:
         for ok, param, message in checks:
             if not ok:
                 raise InvalidRequestError(message, param=param)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0

@@ -23,9 +23,6 @@ from lora.ops import LoRAStepMetadata, add_lora, lora_expand, lora_shrink
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 
-# Our packed parameters hold these checkpoint projections, in shard order.
-PACKED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
 
 @dataclass
 class LoRAContext:

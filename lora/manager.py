@@ -20,7 +20,6 @@ from cluster.model_checks import resolve_max_model_len
 from lora.adapter import LoRAAdapter, load_adapter
 from lora.fully_sharded import ColumnParallelLinearWithShardedLoRA, RowParallelLinearWithShardedLoRA
 from lora.layers import (
-    PACKED_PROJECTIONS,
     ColumnParallelLinearWithLoRA,
     LoRAContext,
     ParallelLMHeadWithLoRA,
@@ -71,6 +70,7 @@ class LoRAManager:
         wrappers: dict[str, nn.Module] = {}
         extra = self.config.lora_extra_vocab_size
         sharded = self.config.fully_sharded_loras
+        packed: dict[str, list[str]] = getattr(model, "packed_modules", {})
         column_class = ColumnParallelLinearWithShardedLoRA if sharded else ColumnParallelLinearWithLoRA
         row_class = RowParallelLinearWithShardedLoRA if sharded else RowParallelLinearWithLoRA
         for name, module in list(model.named_modules()):
@@ -82,7 +82,7 @@ class LoRAManager:
                 wrapper = VocabParallelEmbeddingWithLoRA(module, self.spec, self.context, extra)
                 key = "embed_tokens"
             elif isinstance(module, ColumnParallelLinear):
-                projections = list(PACKED_PROJECTIONS.get(leaf, (leaf,)))
+                projections = list(packed.get(leaf, [leaf]))  # checkpoint projections in shard order
                 wrapper = column_class(module, projections, self.spec, self.context)
                 key = f"layers.{_layer_index(name)}.{leaf}"
             elif isinstance(module, RowParallelLinear):

@@ -62,15 +62,6 @@ def all_gather(tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from `src` to every rank."""
-    if _state.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def divide(numerator: int, denominator: int, what: str) -> int:
     """Exact division with an error that says which size does not split."""
     if numerator % denominator:

@@ -12,7 +12,7 @@ from cluster.config import EngineConfig
 from lora.manager import LoRAManager
 from workers.attention import Attention, AttentionMetadata
 from workers.device import resolve_device, resolve_dtype
-from workers.distributed import tp_rank, tp_world_size
+from workers.distributed import tp_rank
 from workers.models.config import ModelConfig, load_model_config
 from workers.models.registry import get_model_class
 from workers.sampler import sample
@@ -123,11 +123,3 @@ class ModelRunner:
         if tp_rank() != 0:
             return None
         return sample(logits, step.sampling)
-
-    @property
-    def rank(self) -> int:
-        return tp_rank()
-
-    @property
-    def world_size(self) -> int:
-        return tp_world_size()

@@ -84,10 +84,6 @@ class LlamaForCausalLM(nn.Module):
 
     # Checkpoint projections stored together in one of our parameters, in shard order.
     packed_modules = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    # Checkpoint (and PEFT target_modules) names of the linear layers LoRA may adapt.
-    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    # Modules that take extra per-adapter vocabulary rows (lora_extra_vocab_size).
-    lora_embedding_modules = ("embed_tokens", "lm_head")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
