@@ -25,3 +25,13 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyManifest:
     if prebuilt and (Path(prebuilt) / "manifest.json").exists():
         return TinyManifest.load(Path(prebuilt) / "manifest.json")
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only with RAYLORA_SLOW=1, so the default suite stays within minutes."""
+    if os.environ.get("RAYLORA_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow extra: set RAYLORA_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
