@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--hf-batch-size", type=int, default=16, help="static batch size for transformers")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--num-scheduler-steps", type=int, default=1, help="decode steps per worker call")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for each side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
         config = EngineConfig(
             model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+            num_scheduler_steps=args.num_scheduler_steps,
             cpu_kv_cache_bytes=256 << 20, torch_threads_per_worker=args.threads,
             max_model_len=max(args.prompt_len) + max(args.output_len),
         )

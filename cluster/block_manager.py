@@ -30,12 +30,15 @@ class BlockManager:
         assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
         seq.block_table = [self.free_blocks.popleft() for _ in range(self.blocks_needed(seq.num_tokens))]
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the next decode step's token has a slot (a new block only at a block boundary)."""
-        return len(seq.block_table) >= self.blocks_needed(seq.num_tokens) or bool(self.free_blocks)
+    def blocks_to_append(self, seq: Sequence, steps: int = 1) -> int:
+        """New blocks the next `steps` decode steps need (each caches one more token)."""
+        return max(0, self.blocks_needed(seq.num_tokens + steps - 1) - len(seq.block_table))
 
-    def append_slot(self, seq: Sequence) -> None:
-        if len(seq.block_table) < self.blocks_needed(seq.num_tokens):
+    def can_append(self, seq: Sequence, steps: int = 1) -> bool:
+        return self.blocks_to_append(seq, steps) <= len(self.free_blocks)
+
+    def append_slots(self, seq: Sequence, steps: int = 1) -> None:
+        for _ in range(self.blocks_to_append(seq, steps)):
             seq.block_table.append(self.free_blocks.popleft())
 
     def free(self, seq: Sequence) -> None:

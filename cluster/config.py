@@ -155,6 +155,11 @@ class EngineConfig(BaseModel):
         description="Longest prompt plus completion in tokens; defaults to the model's context length.",
     )
     max_num_seqs: int = Field(256, description="Most sequences in one batch.")
+    num_scheduler_steps: int = Field(
+        1,
+        description="Decode steps a worker runs per call, feeding its sampled tokens back itself; more "
+        "amortizes the driver-worker round trip, new requests wait up to that many steps.",
+    )
     max_num_batched_tokens: int | None = Field(
         None, description="Most tokens in one step; defaults to max(max_model_len, 2048) at engine start."
     )
@@ -274,7 +279,7 @@ def _find_problems(config: EngineConfig) -> list[str]:
     """Every invalid value, each phrased as "field (value) must ...: fix"."""
     problems = [
         f"{name} ({getattr(config, name)}) must be >= 1: set it to a positive number"
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_loras", "max_lora_rank")
+        for name in ("tensor_parallel_size", "max_num_seqs", "num_scheduler_steps", "max_loras", "max_lora_rank")
         if getattr(config, name) < 1
     ]
     problems += [

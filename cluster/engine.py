@@ -49,6 +49,7 @@ class EngineLimits:
     num_blocks: int
     scheduler: SchedulerLimits
     eos_token_ids: frozenset[int]
+    num_scheduler_steps: int = 1
 
     @staticmethod
     def resolve(
@@ -65,6 +66,7 @@ class EngineLimits:
             num_blocks=num_blocks,
             scheduler=SchedulerLimits(config.max_num_seqs, max_batched, config.max_loras),
             eos_token_ids=eos_token_ids(config.model, tokenizer, model.eos_token_ids),
+            num_scheduler_steps=config.num_scheduler_steps,
         )
 
 
@@ -149,7 +151,17 @@ class EngineCore:
     # ---- steps ----------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch | None:
-        return self.scheduler.schedule()
+        return self.scheduler.schedule(self._decode_steps())
+
+    def _decode_steps(self) -> int:
+        """`num_scheduler_steps`, cut so no sequence runs past max_model_len and none of the steps
+        is wasted on every sequence having finished."""
+        running = self.scheduler.running
+        if self.limits.num_scheduler_steps == 1 or not running:
+            return 1
+        room = min(self.limits.max_model_len - seq.num_tokens + 1 for seq in running)
+        wanted = max(seq.sampling.max_tokens - seq.num_output_tokens for seq in running)
+        return max(1, min(self.limits.num_scheduler_steps, room, wanted))
 
     def build_step(self, batch: ScheduledBatch) -> StepInput:
         seqs = batch.seqs
@@ -173,7 +185,7 @@ class EngineCore:
         step = StepInput(
             input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=context_lens,
             block_tables=block_tables, slot_mapping=slot_mapping, is_prefill=batch.is_prefill,
-            sampling=self._sampling_batch(seqs),
+            sampling=self._sampling_batch(seqs), num_steps=batch.num_steps,
         )
         if self.slots is not None:
             self._place_adapters(seqs, step)
@@ -207,15 +219,11 @@ class EngineCore:
             state = self.requests.get(seq.request_id)
             if state is None or seq.is_finished:  # aborted while the step was in flight
                 continue
-            token_id = int(output.token_ids[row])
-            seq.output_token_ids.append(token_id)
-            seq.num_cached_tokens = seq.num_tokens - 1
-            if seq.sampling.logprobs is not None and output.logprobs is not None:
-                state.logprobs.append(self._token_logprob(output, row, token_id, seq.sampling.logprobs))
-            previous_text_len = len(state.text)
-            state.detokenizer.add(token_id)
-            state.text = state.detokenizer.text
-            reason = self._finish_reason(state, token_id, previous_text_len)
+            reason = None
+            for column in range(output.token_ids.shape[1]):  # tokens past a finish are dropped
+                reason = self._append_token(state, output, row, column)
+                if reason is not None:
+                    break
             if reason is not None:
                 self.scheduler.finish(seq, reason)
             deltas.append(self._delta(state))
@@ -223,12 +231,26 @@ class EngineCore:
                 del self.requests[seq.request_id]
         return deltas
 
+    def _append_token(self, state: RequestState, output: StepOutput, row: int, column: int) -> str | None:
+        """Add one sampled token to the request; return its finish reason, if it finished."""
+        seq = state.seq
+        token_id = int(output.token_ids[row, column])
+        seq.output_token_ids.append(token_id)
+        seq.num_cached_tokens = seq.num_tokens - 1
+        if seq.sampling.logprobs is not None and output.logprobs is not None:
+            state.logprobs.append(self._token_logprob(output, row, column, seq.sampling.logprobs))
+        previous_text_len = len(state.text)
+        state.detokenizer.add(token_id)
+        state.text = state.detokenizer.text
+        return self._finish_reason(state, token_id, previous_text_len)
+
     @staticmethod
-    def _token_logprob(output: StepOutput, row: int, token_id: int, num_top: int) -> TokenLogprob:
+    def _token_logprob(output: StepOutput, row: int, column: int, num_top: int) -> TokenLogprob:
         top: dict[int, float] = {}
         if num_top and output.top_token_ids is not None:
-            top = dict(zip(output.top_token_ids[row, :num_top].tolist(), output.top_logprobs[row, :num_top].tolist()))
-        return TokenLogprob(token_id, float(output.logprobs[row]), top)
+            ids = output.top_token_ids[row, column, :num_top].tolist()
+            top = dict(zip(ids, output.top_logprobs[row, column, :num_top].tolist()))
+        return TokenLogprob(int(output.token_ids[row, column]), float(output.logprobs[row, column]), top)
 
     def _finish_reason(self, state: RequestState, token_id: int, previous_text_len: int) -> str | None:
         seq, params = state.seq, state.seq.sampling

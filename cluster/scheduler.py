@@ -19,6 +19,7 @@ from cluster.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     is_prefill: bool
+    num_steps: int = 1  # decode steps the workers run back to back
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,25 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, decode_steps: int = 1) -> ScheduledBatch | None:
+        """A prefill of newly admitted sequences if any fit, else a decode of every running one,
+        `decode_steps` steps at once when the free blocks allow it for the whole batch."""
         admitted = self._admit_waiting()
         if admitted:
             return ScheduledBatch(admitted, is_prefill=True)
+        if decode_steps > 1 and self._reserve_lookahead(decode_steps):
+            return ScheduledBatch(list(self.running), is_prefill=False, num_steps=decode_steps)
         decoding = self._schedule_decode()
         return ScheduledBatch(decoding, is_prefill=False) if decoding else None
+
+    def _reserve_lookahead(self, steps: int) -> bool:
+        """Blocks for `steps` more tokens of every running sequence, or nothing if they do not fit."""
+        needed = sum(self.block_manager.blocks_to_append(seq, steps) for seq in self.running)
+        if not self.running or needed > self.block_manager.num_free_blocks:
+            return False
+        for seq in self.running:
+            self.block_manager.append_slots(seq, steps)
+        return True
 
     def active_lora_ids(self) -> set[int]:
         return {seq.lora_id for seq in self.running if seq.lora_id}
@@ -97,7 +111,7 @@ class Scheduler:
                     self._preempt(seq)
                     break
             else:
-                self.block_manager.append_slot(seq)
+                self.block_manager.append_slots(seq)
                 scheduled.append(seq)
         self.running.extend(scheduled)
         return scheduled

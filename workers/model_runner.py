@@ -76,13 +76,13 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         positions = np.arange(tokens, dtype=np.int64)
-        step = StepInput(
-            input_ids=np.zeros(tokens, dtype=np.int64), positions=positions,
-            query_lens=np.array([tokens]), context_lens=np.array([tokens]),
-            block_tables=np.arange(blocks, dtype=np.int64)[None, :], slot_mapping=positions,
-            is_prefill=True, sampling=None,  # type: ignore[arg-type]
+        positions_t = torch.as_tensor(positions, device=self.device)
+        lengths = torch.tensor([tokens], device=self.device)
+        block_tables = torch.arange(blocks, device=self.device)[None, :]
+        self._forward_logits(
+            torch.zeros(tokens, dtype=torch.int64, device=self.device), positions_t, lengths, lengths, block_tables,
+            positions_t, is_prefill=True,
         )
-        self._forward_logits(step)
         peak = torch.cuda.max_memory_allocated() - before
         self.allocate_kv_cache(0)
         torch.cuda.empty_cache()
@@ -97,29 +97,46 @@ class ModelRunner:
         return torch.tensor(array, device=self.device)  # a copy: Ray hands over read-only arrays
 
     @torch.inference_mode()
-    def _forward_logits(self, step: StepInput) -> torch.Tensor:
-        if self.lora is not None:
-            self.lora.apply_loads(step.lora_loads)
-            self.lora.set_step(step.lora_slots, step.query_lens, step.rope_tables)
-        positions = self._tensor(step.positions)
-        query_lens = self._tensor(step.query_lens)
+    def _forward_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, query_lens: torch.Tensor,
+        context_lens: torch.Tensor, block_tables: torch.Tensor, slot_mapping: torch.Tensor, is_prefill: bool,
+    ) -> torch.Tensor:
+        """Logits of each sequence's last token this step."""
         meta = AttentionMetadata.build(
-            positions=positions,
-            query_lens=query_lens,
-            context_lens=self._tensor(step.context_lens),
-            block_tables=self._tensor(step.block_tables),
-            slot_mapping=self._tensor(step.slot_mapping),
-            block_size=self.config.block_size,
-            is_prefill=step.is_prefill,
+            positions=positions, query_lens=query_lens, context_lens=context_lens, block_tables=block_tables,
+            slot_mapping=slot_mapping, block_size=self.config.block_size, is_prefill=is_prefill,
         )
-        hidden = self.model(self._tensor(step.input_ids), positions, meta)
+        hidden = self.model(input_ids, positions, meta)
         last_token_index = torch.cumsum(query_lens, 0) - 1
         return self.model.compute_logits(hidden[last_token_index])
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
-        """Every rank runs the forward; only rank 0 samples and answers."""
-        logits = self._forward_logits(step)
-        if tp_rank() != 0:
-            return None
-        return sample(logits, step.sampling)
+        """Run the step's forward(s); only rank 0 answers.
+
+        With `num_steps > 1` (decode only) each step's sampled tokens are the next step's input,
+        without a round trip to the driver. Sampling is a pure function of the logits and the
+        rows' seeds, and every rank holds the same gathered logits, so every rank samples the
+        same tokens and no broadcast is needed.
+        """
+        if self.lora is not None:
+            self.lora.apply_loads(step.lora_loads)
+            self.lora.set_step(step.lora_slots, step.query_lens, step.rope_tables)
+        input_ids, positions = self._tensor(step.input_ids), self._tensor(step.positions)
+        query_lens, context_lens = self._tensor(step.query_lens), self._tensor(step.context_lens)
+        block_tables, slot_mapping = self._tensor(step.block_tables), self._tensor(step.slot_mapping)
+        rows = torch.arange(block_tables.shape[0], device=self.device)
+        block_size = self.config.block_size
+        outputs = []
+        for index in range(step.num_steps):
+            logits = self._forward_logits(
+                input_ids, positions, query_lens, context_lens, block_tables, slot_mapping, step.is_prefill
+            )
+            if step.num_steps == 1 and tp_rank() != 0:
+                return None
+            outputs.append(sample(logits, step.sampling.advanced(index)))
+            if index + 1 < step.num_steps:  # decode: one token per sequence, fed straight back
+                input_ids = torch.as_tensor(outputs[-1].token_ids, device=self.device)
+                positions, context_lens = positions + 1, context_lens + 1
+                slot_mapping = block_tables[rows, positions // block_size] * block_size + positions % block_size
+        return StepOutput.stack(outputs) if tp_rank() == 0 else None

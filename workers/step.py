@@ -6,7 +6,7 @@ turn into tensors without a copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,6 +22,10 @@ class SamplingBatch:
     noise_step: np.ndarray  # [B] int64, index of the token being sampled in that stream
     num_logprobs: int = -1  # top alternatives to return; -1 = no logprobs at all
 
+    def advanced(self, steps: int) -> SamplingBatch:
+        """The same rows `steps` tokens later in their sampling streams."""
+        return self if steps == 0 else replace(self, noise_step=self.noise_step + steps)
+
 
 @dataclass
 class StepInput:
@@ -35,6 +39,7 @@ class StepInput:
     slot_mapping: np.ndarray  # [T] int64
     is_prefill: bool
     sampling: SamplingBatch
+    num_steps: int = 1  # decode steps to run, each feeding its sampled tokens to the next
     lora_slots: np.ndarray | None = None  # [B] adapter slot per sequence, -1 = base model
     rope_tables: np.ndarray | None = None  # [B] rotary table per sequence (long-context adapters), 0 = base
     lora_loads: list = field(default_factory=list)  # slot loads to apply before the forward
@@ -42,9 +47,19 @@ class StepInput:
 
 @dataclass
 class StepOutput:
-    """Rank 0's sampled tokens, one per sequence, in the order of the step's sequences."""
+    """Rank 0's sampled tokens: one row per sequence (in the step's order), one column per step."""
 
-    token_ids: np.ndarray  # [B] int64
-    logprobs: np.ndarray | None = None  # [B] float32 log-probability of the chosen token
-    top_token_ids: np.ndarray | None = None  # [B, K] int64
-    top_logprobs: np.ndarray | None = None  # [B, K] float32
+    token_ids: np.ndarray  # [B, S] int64
+    logprobs: np.ndarray | None = None  # [B, S] float32 log-probability of the chosen token
+    top_token_ids: np.ndarray | None = None  # [B, S, N] int64
+    top_logprobs: np.ndarray | None = None  # [B, S, N] float32
+
+    @staticmethod
+    def stack(steps: list[StepOutput]) -> StepOutput:
+        """Per-step outputs (each with [B] rows) side by side."""
+
+        def column_stack(name: str) -> np.ndarray | None:
+            parts = [getattr(out, name) for out in steps]
+            return None if parts[0] is None else np.stack(parts, axis=1)
+
+        return StepOutput(*(column_stack(name) for name in ("token_ids", "logprobs", "top_token_ids", "top_logprobs")))

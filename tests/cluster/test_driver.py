@@ -22,6 +22,7 @@ def driver(ray_session, tmp_path_factory):
     config = EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", max_model_len=64, block_size=8,
         cpu_kv_cache_bytes=2 << 20, torch_threads_per_worker=1,
+        num_scheduler_steps=3,  # stops, streams and aborts must hold when a call decodes several steps
     )
     handle = launch(config)
     yield handle

@@ -99,3 +99,19 @@ def test_max_loras_per_batch_base_never_waits_and_oldest_adapter_next():
     scheduler.finish(a, "stop")
     assert scheduler.schedule().seqs == [c]  # the oldest waiting adapter gets the free slot
     assert scheduler.active_lora_ids() == {2, 3} and list(scheduler.waiting) == [a_late]
+
+
+def test_multi_step_decode_reserves_blocks_for_every_step_or_falls_back():
+    scheduler = make_scheduler(num_blocks=6, block_size=4)
+    first, second = make_seq(0, 4), make_seq(1, 4)
+    for seq in (first, second):
+        scheduler.add(seq)
+        seq.output_token_ids.append(9)
+    scheduler.schedule()
+    batch = scheduler.schedule(decode_steps=4)  # positions 4..7 of each: one more block each
+    assert batch.num_steps == 4 and batch.seqs == [first, second]
+    assert [len(s.block_table) for s in (first, second)] == [2, 2]
+    first.output_token_ids += [1, 2, 3, 4]
+    second.output_token_ids += [1, 2, 3, 4]
+    batch = scheduler.schedule(decode_steps=8)  # 2 x 2 more blocks do not fit in the 2 left
+    assert batch.num_steps == 1 and len(batch.seqs) == 2

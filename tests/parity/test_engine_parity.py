@@ -118,3 +118,21 @@ def test_preemption_does_not_change_results(ray_session, tmp_path):
     finally:
         ray.get(driver.shutdown.remote())
         ray.kill(driver)
+
+
+def test_multi_step_decode_matches_transformers_and_single_step_sampling(ray_session, tmp_path):
+    """num_scheduler_steps=4: greedy ids and logprobs still equal transformers (requests finish in
+    the middle of a 4-step call), and seeded sampling gives the same tokens as one step per call."""
+    model_dir = checkpoint(tmp_path / "llama", "llama")
+    sampled = SamplingParams(max_tokens=13, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    results = []
+    for steps in (4, 1):
+        driver = launch(engine_config(model_dir, num_scheduler_steps=steps))
+        try:
+            if steps == 4:
+                check_against_transformers(driver, model_dir, 256, seed=11)
+            results.append(ray.get(driver.generate.remote([[5, 6, 7], [9, 9, 9, 9]], sampled)))
+        finally:
+            ray.get(driver.shutdown.remote())
+            ray.kill(driver)
+    assert [o.token_ids for o in results[0]] == [o.token_ids for o in results[1]]
