@@ -6,6 +6,7 @@ is the same class as a Ray actor, one per GPU or CPU process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import ray
@@ -26,6 +27,14 @@ def _threads_for(config: EngineConfig) -> int:
     return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
 
 
+def _raise_priority() -> None:
+    """Ray starts workers at niceness 15; a CPU worker's OpenMP threads then stall at every barrier
+    whenever a normal-priority process wakes (measured: the same engine 20-30 % slower inside an
+    actor than in-process). Take normal priority back where the OS allows it."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
 class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
@@ -34,6 +43,8 @@ class Worker:
         self.store: dist.Store | None = None
         self.threads = _threads_for(config)
         torch.set_num_threads(self.threads)
+        if config.device != "cuda":
+            _raise_priority()
 
     def host_rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the group's key-value store on a port the OS picks, already bound, so no
