@@ -99,13 +99,12 @@ def run_engine_ray(config: EngineConfig, workload: Workload) -> tuple[float, lis
         ray.shutdown()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="raylora bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="HF checkpoint dir; default: a random Llama made for the run")
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload, engine and baseline settings both benchmarks take."""
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
-    parser.add_argument("--hf-batch-size", type=int, default=16, help="static batch size for transformers")
+    parser.add_argument("--hf-batch-size", type=int, default=16, help="static batch size for the HF baseline")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--num-scheduler-steps", type=int, default=1, help="decode steps per worker call")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for each side")
@@ -113,8 +112,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="shape of the random benchmark model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "in-process", "ray"])
     parser.add_argument("--json", help="also write the figures to this file")
+
+
+def engine_config(args: argparse.Namespace, model_dir: Path, **overrides) -> EngineConfig:
+    """The engine both benchmarks run: sized for the workload, threads as the baseline gets."""
+    return EngineConfig(
+        model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+        num_scheduler_steps=args.num_scheduler_steps, cpu_kv_cache_bytes=256 << 20,
+        torch_threads_per_worker=args.threads, max_model_len=max(args.prompt_len) + max(args.output_len),
+        **overrides,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="raylora bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF checkpoint dir; default: a random Llama made for the run")
+    add_workload_arguments(parser)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "in-process", "ray"])
     return parser.parse_args(argv)
 
 
@@ -132,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(args.model) if args.model else write_random_llama(Path(scratch) / "bench-llama", **PRESETS[args.preset])
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
-        config = EngineConfig(
-            model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-            num_scheduler_steps=args.num_scheduler_steps,
-            cpu_kv_cache_bytes=256 << 20, torch_threads_per_worker=args.threads,
-            max_model_len=max(args.prompt_len) + max(args.output_len),
-        )
+        config = engine_config(args, model_dir)
         rows: dict[str, float] = {}
         tokens: dict[str, list[list[int]]] = {}
         if "ray" not in args.skip:

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench import Workload, generate_static_batches, make_workload
+from cluster.bench import (
+    Workload,
+    add_workload_arguments,
+    engine_config,
+    generate_static_batches,
+    make_workload,
+)
 from cluster.config import EngineConfig
 from cluster.sampling_params import SamplingParams
 from cluster.synthetic import PRESETS, write_random_adapter, write_random_llama
@@ -86,21 +92,10 @@ def run_ray(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raylora bench lora", description=__doc__.splitlines()[0])
-    parser.add_argument("--num-requests", type=int, default=64)
+    add_workload_arguments(parser)
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
-    parser.add_argument("--hf-batch-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--num-scheduler-steps", type=int, default=1, help="decode steps per worker call")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="shape of the random benchmark model")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "in-process", "ray"])
-    parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args(argv)
 
 
@@ -113,12 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
         loras = [LoRARequest(f"a{i}", i + 1, str(path)) for i, path in enumerate(adapters)]
-        config = EngineConfig(
-            model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-            num_scheduler_steps=args.num_scheduler_steps,
-            cpu_kv_cache_bytes=256 << 20, torch_threads_per_worker=args.threads,
-            max_model_len=max(args.prompt_len) + max(args.output_len), enable_lora=True,
-            max_loras=args.adapters, max_cpu_loras=args.adapters, max_lora_rank=args.rank,
+        config = engine_config(
+            args, model_dir, enable_lora=True, max_loras=args.adapters, max_cpu_loras=args.adapters,
+            max_lora_rank=args.rank,
         )
         tokens = workload.useful_tokens
         if "ray" not in args.skip:

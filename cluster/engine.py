@@ -25,7 +25,7 @@ from cluster.sequence import Sequence
 from lora.request import LoRARequest
 from lora.slots import SlotTable
 from workers.models.config import ModelConfig
-from workers.step import SamplingBatch, StepInput, StepOutput
+from workers.step import SamplingBatch, StepInput, StepOutput, cache_slots
 
 
 def eos_token_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase, model_eos: list[int]) -> frozenset[int]:
@@ -180,8 +180,7 @@ class EngineCore:
         block_tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int64)
         for row, seq in enumerate(seqs):
             block_tables[row, : len(seq.block_table)] = seq.block_table
-        row_of_token = np.repeat(np.arange(len(seqs)), query_lens)
-        slot_mapping = block_tables[row_of_token, positions // block_size] * block_size + positions % block_size
+        slot_mapping = cache_slots(block_tables, np.repeat(np.arange(len(seqs)), query_lens), positions, block_size)
         step = StepInput(
             input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=context_lens,
             block_tables=block_tables, slot_mapping=slot_mapping, is_prefill=batch.is_prefill,

@@ -48,6 +48,14 @@ def scaled_b(weights: LoRAModuleWeights) -> torch.Tensor:
     return weights.lora_b * weights.scaling
 
 
+def fill_slot(slot_buffer: torch.Tensor, weights: torch.Tensor | None) -> None:
+    """Zero one slot's buffer and copy `weights` into its leading corner (a smaller rank or fewer
+    rows than the slot holds leave zeros around it)."""
+    slot_buffer.zero_()
+    if weights is not None:
+        slot_buffer[tuple(slice(0, size) for size in weights.shape)].copy_(weights, non_blocking=True)
+
+
 class LinearWithLoRA(nn.Module):
     """Shared slot handling of the linear wrappers: one A/B buffer pair per projection."""
 
@@ -68,12 +76,9 @@ class LinearWithLoRA(nn.Module):
     def set_slot(self, slot: int, weights: SlicedWeights) -> None:
         """Copy this rank's slices into `slot`; projections the adapter does not target become zero."""
         for name, a_buffer, b_buffer in zip(self.projections, self.lora_a, self.lora_b):
-            a_buffer[slot].zero_()
-            b_buffer[slot].zero_()
-            if name in weights:
-                lora_a, lora_b = weights[name]
-                a_buffer[slot, : lora_a.shape[0]].copy_(lora_a, non_blocking=True)
-                b_buffer[slot, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
+            lora_a, lora_b = weights.get(name, (None, None))
+            fill_slot(a_buffer[slot], lora_a)
+            fill_slot(b_buffer[slot], lora_b)
 
     def _add(self, out: torch.Tensor, x: torch.Tensor, offsets: list[int]) -> None:
         meta = self.context.token_meta
@@ -156,17 +161,11 @@ class VocabParallelEmbeddingWithLoRA(nn.Module):
         return sliced
 
     def set_slot(self, slot: int, weights: SlicedWeights) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if "lora" in weights:
-            table, lora_b = weights["lora"]
-            self.lora_a[slot, :, : table.shape[1]].copy_(table, non_blocking=True)
-            self.lora_b[slot, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
+        table, lora_b = weights.get("lora", (None, None))
+        fill_slot(self.lora_a[slot], table)
+        fill_slot(self.lora_b[slot], lora_b)
         if self.extra_rows is not None:
-            self.extra_rows[slot].zero_()
-            if "extra" in weights:
-                rows = weights["extra"][0]
-                self.extra_rows[slot, : rows.shape[0]].copy_(rows, non_blocking=True)
+            fill_slot(self.extra_rows[slot], weights.get("extra", (None,))[0])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         meta = self.context.token_meta
@@ -218,16 +217,12 @@ class ParallelLMHeadWithLoRA(nn.Module):
         return sliced
 
     def set_slot(self, slot: int, weights: SlicedWeights) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if "lora" in weights:
-            lora_a, lora_b = weights["lora"]
-            self.lora_a[slot, : lora_a.shape[0]].copy_(lora_a, non_blocking=True)
-            self.lora_b[slot, :, : lora_b.shape[1]].copy_(lora_b, non_blocking=True)
-        self.extra_rows[slot].zero_()
-        rows = weights["extra"][0] if "extra" in weights else self.extra_rows[slot, :0]
-        self.extra_rows[slot, : rows.shape[0]].copy_(rows, non_blocking=True)
-        self.extra_count[slot] = rows.shape[0]
+        lora_a, lora_b = weights.get("lora", (None, None))
+        fill_slot(self.lora_a[slot], lora_a)
+        fill_slot(self.lora_b[slot], lora_b)
+        rows = weights.get("extra", (None,))[0]
+        fill_slot(self.extra_rows[slot], rows)
+        self.extra_count[slot] = 0 if rows is None else rows.shape[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base_layer(hidden)

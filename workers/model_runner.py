@@ -16,7 +16,7 @@ from workers.distributed import tp_rank
 from workers.models.config import ModelConfig, load_model_config
 from workers.models.registry import get_model_class
 from workers.sampler import sample
-from workers.step import StepInput, StepOutput
+from workers.step import StepInput, StepOutput, cache_slots
 from workers.weight_loader import load_weights
 
 
@@ -138,5 +138,5 @@ class ModelRunner:
             if index + 1 < step.num_steps:  # decode: one token per sequence, fed straight back
                 input_ids = torch.as_tensor(outputs[-1].token_ids, device=self.device)
                 positions, context_lens = positions + 1, context_lens + 1
-                slot_mapping = block_tables[rows, positions // block_size] * block_size + positions % block_size
+                slot_mapping = cache_slots(block_tables, rows, positions, block_size)
         return StepOutput.stack(outputs) if tp_rank() == 0 else None

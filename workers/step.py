@@ -11,6 +11,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 
+def cache_slots(block_tables, rows, positions, block_size: int):
+    """KV-cache slot of each token: its sequence's block for the position, then the offset in it.
+
+    Works on numpy arrays (the driver) and torch tensors (a worker feeding decode steps back).
+    """
+    return block_tables[rows, positions // block_size] * block_size + positions % block_size
+
+
 @dataclass
 class SamplingBatch:
     """Per-sequence sampling settings as arrays, one row per sequence."""
