@@ -57,7 +57,11 @@ def fill_slot(slot_buffer: torch.Tensor, weights: torch.Tensor | None) -> None:
 
 
 class LinearWithLoRA(nn.Module):
-    """Shared slot handling of the linear wrappers: one A/B buffer pair per projection."""
+    """Shared slot handling of the linear wrappers: one A/B buffer pair per projection.
+
+    A packed layer's A matrices are views into one stacked buffer, so its shrink is one
+    matmul over all its projections on the torch path.
+    """
 
     def __init__(self, base: nn.Module, projections: list[str], in_features: int, out_sizes: list[int],
                  spec: SlotSpec, context: LoRAContext, a_rows: int | None = None) -> None:
@@ -68,8 +72,9 @@ class LinearWithLoRA(nn.Module):
         # The model reads these off its layers (e.g. to split a packed output).
         self.input_size, self.output_size, self.output_sizes = base.input_size, base.output_size, base.output_sizes
         a_rows = spec.max_rank if a_rows is None else a_rows
-        self.lora_a = [torch.zeros(spec.num_slots, a_rows, in_features, dtype=spec.dtype, device=spec.device)
-                       for _ in projections]
+        self.stacked_a = torch.zeros(spec.num_slots, len(projections) * a_rows, in_features, dtype=spec.dtype,
+                                     device=spec.device)
+        self.lora_a = [self.stacked_a[:, i * a_rows : (i + 1) * a_rows] for i in range(len(projections))]
         self.lora_b = [torch.zeros(spec.num_slots, size, spec.max_rank, dtype=spec.dtype, device=spec.device)
                        for size in out_sizes]
 
@@ -83,7 +88,7 @@ class LinearWithLoRA(nn.Module):
     def _add(self, out: torch.Tensor, x: torch.Tensor, offsets: list[int]) -> None:
         meta = self.context.token_meta
         if meta is not None and meta.has_lora:
-            add_lora(out, x, self.lora_a, self.lora_b, meta, offsets)
+            add_lora(out, x, self.stacked_a, self.lora_b, meta, offsets)
 
 
 class ColumnParallelLinearWithLoRA(LinearWithLoRA):

@@ -76,21 +76,40 @@ def add_lora(
     meta: LoRAStepMetadata,
     offset: int | Sequence[int] = 0,
 ) -> None:
-    """out[:, offset:...] += LoRA delta of x: shrink then expand, fused per slot on the torch path."""
-    a_list, b_list = _as_list(lora_a), _as_list(lora_b)
+    """out[:, offset:...] += LoRA delta of x: shrink then expand, fused on the torch path.
+
+    A packed layer may pass its A matrices as a list or stacked in one [slots, P*rank, in]
+    tensor (then one shrink serves every slice on the torch path).
+    """
+    b_list = _as_list(lora_b)
+    a_list = _split_stacked(lora_a, b_list)
     if len(a_list) != len(b_list):
         raise ValueError(f"{len(a_list)} A matrices for {len(b_list)} B matrices")
+    offsets = _slice_offsets(b_list, offset)
+    for a, b, col in zip(a_list, b_list, offsets):
+        _check_shrink(x, a, meta)
+        _check_expand(a.shape[1], b, meta, out, col)
     if not meta.has_lora:
         return
     backend = _backend(x)
     if backend is torch_ops:
-        offsets = _slice_offsets(b_list, offset)
-        for a, b, col in zip(a_list, b_list, offsets):
-            _check_shrink(x, a, meta)
-            _check_expand(a.shape[1], b, meta, out, col)
-        torch_ops.add_lora(out, x, a_list, b_list, meta, offsets)
+        if isinstance(lora_a, torch.Tensor):
+            torch_ops.add_lora(out, x, lora_a, b_list, meta, offsets)
+        else:  # separate A matrices, possibly of different ranks: one pair at a time
+            for a, b, col in zip(a_list, b_list, offsets):
+                torch_ops.add_lora(out, x, a, [b], meta, [col])
         return
-    lora_expand(lora_shrink(x, a_list, meta), b_list, meta, out, offset)
+    lora_expand(lora_shrink(x, a_list, meta), b_list, meta, out, offsets)
+
+
+def _split_stacked(lora_a: Tensors, lora_b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One view per slice of a stacked A (each slice's rank is its B's); a list as it is."""
+    if not isinstance(lora_a, torch.Tensor):
+        return list(lora_a)
+    rank = lora_b[0].shape[2] if lora_b and lora_b[0].dim() == 3 else lora_a.shape[1]
+    if lora_a.dim() != 3 or lora_a.shape[1] != rank * len(lora_b):
+        raise ValueError(f"lora_a {tuple(lora_a.shape)} does not stack {len(lora_b)} slices of rank {rank}")
+    return [lora_a[:, index * rank : (index + 1) * rank] for index in range(len(lora_b))]
 
 
 def _backend(t: torch.Tensor) -> ModuleType:

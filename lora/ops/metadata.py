@@ -2,8 +2,10 @@
 
 A step's flat batch gives each token a slot (`-1` = base model only). The ops need
 that information in three shapes: the segments of consecutive tokens sharing a slot
-(SGMV), the same segments cut into fixed-size tiles (one Triton program each), and
-the LoRA rows grouped by slot (the torch path's grouped matmuls). Computing them here
+(SGMV), the same segments cut into fixed-size tiles (one Triton program each), the
+LoRA rows grouped by slot (the torch path's grouped matmuls), and, when the slots hold
+similar numbers of rows (a mixed decode batch), those rows laid out as one zero-padded
+[num_slots, rows_per_slot] grid (the torch path's batched matmuls). Computing them here
 once keeps every layer's hot path free of Python work per token.
 """
 
@@ -16,6 +18,9 @@ import torch
 
 # Tokens per SGMV tile: the M of its `tl.dot`, 16 being the smallest tensor-core tile.
 SGMV_TILE_TOKENS = 16
+# The padded per-slot grid is used while it has at most this many cells per LoRA token:
+# one batched matmul over the grid beats a grouped matmul's per-slot calls until then.
+MAX_GRID_CELLS_PER_ROW = 3
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class LoRAStepMetadata:
     lora_rows: slice | torch.Tensor  # LoRA tokens ordered by slot (stable); a slice when that is a range
     slot_ends: torch.Tensor  # [num_slots] int32, where each slot's rows end within `lora_rows`
     slot_ranges: tuple[tuple[int, int, int], ...]  # (slot, start, end) within `lora_rows`, active slots
+    grid: SlotGrid | None = None  # the LoRA rows as a padded per-slot grid, when it is compact enough
 
     @property
     def num_tiles(self) -> int:
@@ -70,8 +76,10 @@ class LoRAStepMetadata:
 
         seg_starts, seg_lens, seg_slots = _lora_segments(slots)
         tile_starts, tile_lens, tile_slots = _cut_into_tiles(seg_starts, seg_lens, seg_slots)
-        lora_rows, counts = _rows_by_slot(slots, num_slots)
+        ordered, counts = _rows_by_slot(slots, num_slots)
         ends = torch.cumsum(counts, 0)
+        grid = SlotGrid.build(ordered, slots[ordered], counts, num_slots)
+        lora_rows = _as_slice_if_range(ordered)
         slot_ranges = tuple(
             (slot, end - count, end)
             for slot, (count, end) in enumerate(zip(counts.tolist(), ends.tolist()))
@@ -94,7 +102,43 @@ class LoRAStepMetadata:
             lora_rows=lora_rows if isinstance(lora_rows, slice) else lora_rows.to(device),
             slot_ends=on_device(ends),
             slot_ranges=slot_ranges,
+            grid=None if grid is None else grid.to(device),
         )
+
+
+@dataclass(frozen=True)
+class SlotGrid:
+    """Every LoRA token in a [num_slots, rows_per_slot] grid, row-major, so one batched
+    matmul per weight covers all slots. Cells beyond a slot's count are padding: they point
+    at token 0 and `padding` marks them, so their input is zeroed and their delta is 0."""
+
+    rows_per_slot: int
+    cell_tokens: torch.Tensor  # [num_slots * rows_per_slot] int64, the token in each cell
+    padding: torch.Tensor | None  # [num_slots * rows_per_slot, 1] bool; None when every cell is used
+
+    @classmethod
+    def build(
+        cls, ordered: torch.Tensor, ordered_slots: torch.Tensor, counts: torch.Tensor, num_slots: int
+    ) -> SlotGrid | None:
+        """From the LoRA tokens sorted by slot, their slots and the count per slot; None when
+        the grid would be mostly padding (a prefill of one long prompt beside short ones)."""
+        lora_tokens = ordered.numel()
+        rows_per_slot = int(counts.max()) if counts.numel() else 0
+        if lora_tokens == 0 or num_slots * rows_per_slot > MAX_GRID_CELLS_PER_ROW * lora_tokens:
+            return None
+        slot_starts = torch.cumsum(counts, 0) - counts
+        cells = ordered_slots * rows_per_slot + torch.arange(lora_tokens) - slot_starts[ordered_slots]
+        cell_tokens = torch.zeros(num_slots * rows_per_slot, dtype=torch.int64)
+        cell_tokens[cells] = ordered
+        padding = None
+        if num_slots * rows_per_slot > lora_tokens:
+            padding = torch.ones(num_slots * rows_per_slot, 1, dtype=torch.bool)
+            padding[cells] = False
+        return cls(rows_per_slot, cell_tokens, padding)
+
+    def to(self, device: torch.device) -> SlotGrid:
+        padding = None if self.padding is None else self.padding.to(device)
+        return SlotGrid(self.rows_per_slot, self.cell_tokens.to(device), padding)
 
 
 def _check_slots(slots: torch.Tensor, num_slots: int) -> None:
@@ -128,17 +172,18 @@ def _cut_into_tiles(
     return starts, lens, seg_slots[tile_seg]
 
 
-def _rows_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[slice | torch.Tensor, torch.Tensor]:
-    """LoRA token indices grouped by slot (one stable sort) and the count per slot.
-
-    When they are already a run of consecutive rows (one adapter, or prefill segments in
-    slot order) a slice is returned, so the torch path skips its gather and scatter.
-    """
+def _rows_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA token indices grouped by slot (one stable sort) and the count per slot."""
     lora_tokens = torch.nonzero(slots >= 0).flatten()
     lora_slots = slots[lora_tokens]
     ordered = lora_tokens[torch.sort(lora_slots, stable=True).indices]
-    counts = torch.bincount(lora_slots, minlength=num_slots)
+    return ordered, torch.bincount(lora_slots, minlength=num_slots)
+
+
+def _as_slice_if_range(ordered: torch.Tensor) -> slice | torch.Tensor:
+    """A run of consecutive rows (one adapter, or prefill segments in slot order) becomes a
+    slice, so the torch path skips its gather and scatter."""
     n = ordered.numel()
     if n and int(ordered[-1]) - int(ordered[0]) == n - 1 and bool((ordered[1:] > ordered[:-1]).all()):
-        return slice(int(ordered[0]), int(ordered[0]) + n), counts
-    return ordered, counts
+        return slice(int(ordered[0]), int(ordered[0]) + n)
+    return ordered

@@ -1,10 +1,13 @@
 """Plain-torch multi-LoRA ops: the reference path, and the fast path on CPU.
 
-The step's LoRA tokens are gathered once in slot order; then each projection is one
-grouped matmul (`torch._grouped_mm`, a loop over groups in C++) on CPU when the shapes
-meet its 16-byte alignment rule, else a Python loop over the active slots. Either way the Python
-work per layer is bounded by `max_loras`, never by the number of tokens. Products run
-in float32, so half-precision inputs accumulate as they do in the Triton kernels.
+When the step's slots hold similar numbers of tokens (a mixed decode batch) the LoRA tokens
+are gathered into the metadata's zero-padded per-slot grid and each weight is one batched
+matmul (`torch.bmm`) over all slots. Otherwise (prefill segments of different lengths) they
+are gathered in slot order and each weight is one grouped matmul (`torch._grouped_mm`, a loop
+over groups in C++) on CPU when the shapes meet its 16-byte alignment rule, else a Python loop
+over the active slots. Either way the Python work per layer is bounded by `max_loras`, never
+by the number of tokens. Products run in float32, so half-precision inputs accumulate as they
+do in the Triton kernels.
 """
 
 from __future__ import annotations
@@ -34,16 +37,31 @@ def expand(
 def add_lora(
     out: torch.Tensor,
     x: torch.Tensor,
-    lora_a: Sequence[torch.Tensor],
+    stacked_a: torch.Tensor,
     lora_b: Sequence[torch.Tensor],
     meta: LoRAStepMetadata,
     offsets: Sequence[int],
 ) -> None:
-    """Shrink then expand without a [T, rank] buffer; a packed layer's slices share one gather of x."""
-    rows = x[meta.lora_rows]
-    for a, b, offset in zip(lora_a, lora_b, offsets):
-        delta = grouped_matmul(grouped_matmul(rows, a, meta), b, meta)
-        _add_rows(out[:, offset : offset + b.shape[1]], meta.lora_rows, delta)
+    """Shrink then expand without a [T, rank] buffer. A packed layer's A matrices come stacked
+    ([slots, P*rank, in]), so its slices share one gather of x and one shrink."""
+    rank = lora_b[0].shape[2]
+    if meta.grid is not None:
+        grid = meta.grid
+        cells = x.index_select(0, grid.cell_tokens).float().view(-1, grid.rows_per_slot, x.shape[1])
+        shrunk = torch.bmm(cells, stacked_a.float().transpose(1, 2))
+        if grid.padding is not None:  # padding cells read token 0; a zero here makes their delta exactly 0
+            shrunk.masked_fill_(grid.padding.view(shrunk.shape[0], -1, 1), 0)
+        rows: slice | torch.Tensor = grid.cell_tokens
+    else:
+        shrunk = grouped_matmul(x[meta.lora_rows], stacked_a, meta)
+        rows = meta.lora_rows
+    for index, (b, offset) in enumerate(zip(lora_b, offsets)):
+        part = shrunk[..., index * rank : (index + 1) * rank]
+        if meta.grid is not None:
+            delta = torch.bmm(part, b.float().transpose(1, 2)).view(-1, b.shape[1])
+        else:
+            delta = grouped_matmul(part, b, meta)
+        _add_rows(out[:, offset : offset + b.shape[1]], rows, delta)
 
 
 def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, meta: LoRAStepMetadata) -> torch.Tensor:

@@ -7,6 +7,7 @@ not reliable.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -95,6 +96,22 @@ def test_metadata_keeps_a_slice_when_lora_rows_are_one_range() -> None:
     assert meta.lora_rows == slice(2, 9)
 
 
+def test_metadata_lays_a_mixed_decode_batch_out_as_a_padded_slot_grid() -> None:
+    meta = LoRAStepMetadata.build(SLOT_PATTERNS["decode"], NUM_SLOTS)
+    grid = meta.grid
+    assert grid is not None and grid.rows_per_slot == 2
+    # Slot 0 holds tokens 1 and 8, slot 1 tokens 4 and 5, slot 2 token 6 (one padding cell), slot 3 tokens 0 and 3.
+    assert grid.cell_tokens.tolist() == [1, 8, 4, 5, 6, 0, 0, 3]
+    assert grid.padding is not None and grid.padding.flatten().tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+
+
+def test_metadata_skips_the_grid_when_it_would_be_mostly_padding() -> None:
+    one_long_prompt = [0] * 40 + [1, 2, 3]
+    assert LoRAStepMetadata.build(one_long_prompt, NUM_SLOTS).grid is None
+    assert LoRAStepMetadata.build([-1, 2, 2, 1, 0, 3, 3], NUM_SLOTS).grid.padding is not None
+    assert LoRAStepMetadata.build([0, 1, 2, 3], NUM_SLOTS).grid.padding is None
+
+
 def test_metadata_of_empty_and_base_only_steps() -> None:
     for slots in ([], [-1, -1, -1]):
         meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
@@ -133,9 +150,10 @@ def test_torch_path_matches_per_token_oracle(
     assert_close(out[:, 3:-4], base[:, 3:-4].float() + expected, dtype)
     assert torch.equal(out[:, :3], base[:, :3]) and torch.equal(out[:, -4:], base[:, -4:])
 
-    fused = base.clone()
-    add_lora(fused, x, lora_a, lora_b, meta, offset=3)
-    assert_close(fused, out, dtype)
+    for layout in (meta, dataclasses.replace(meta, grid=None)):  # batched over a grid; grouped by slot
+        fused = base.clone()
+        add_lora(fused, x, lora_a, lora_b, layout, offset=3)
+        assert_close(fused, out, dtype)
 
 
 def test_packed_layer_slices_land_in_their_own_columns() -> None:
