@@ -3,7 +3,9 @@
 Both serve the same requests (varied prompt and output lengths, EOS ignored so every request
 produces exactly its output length): the engine with continuous batching through the driver
 actor, and in-process without Ray; transformers with static batches, left-padded, each batch
-running to its longest output. Useful tokens are the requested output tokens.
+running to its longest output. Useful tokens are the requested output tokens. Each side is
+timed `--repeats` times and its fastest run counts: on a shared 2-core machine the slower
+runs measure the neighbours, not the code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,17 @@ def make_workload(num_requests: int, vocab_size: int, prompt_range: tuple[int, i
     return Workload(prompts, [int(n) for n in output_lens])
 
 
+def fastest(repeats: int, timed_run: Callable[[], float]) -> float:
+    """Seconds of the fastest of `repeats` runs of `timed_run` (which returns its own seconds)."""
+    return min(timed_run() for _ in range(max(1, repeats)))
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def generate_static_batches(model, workload: Workload, batch_size: int, adapter_names: list[str] | None = None) -> float:
     """Seconds for HF `generate` to serve the workload in left-padded static batches, each batch
     running to its longest output (peft takes `adapter_names`, one per row)."""
@@ -65,25 +79,24 @@ def generate_static_batches(model, workload: Workload, batch_size: int, adapter_
     return time.perf_counter() - start
 
 
-def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threads: int) -> float:
+def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threads: int, repeats: int) -> float:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return generate_static_batches(model, workload, batch_size)
+    return fastest(repeats, lambda: generate_static_batches(model, workload, batch_size))
 
 
-def run_engine_in_process(config: EngineConfig, workload: Workload) -> tuple[float, list[list[int]]]:
+def run_engine_in_process(config: EngineConfig, workload: Workload, repeats: int) -> tuple[float, list[list[int]]]:
     from cluster.offline import OfflineEngine
 
     engine = OfflineEngine(config)
     engine.generate(workload.prompts[:2], [SamplingParams(max_tokens=2, temperature=0)] * 2)  # warm up
-    start = time.perf_counter()
-    outputs = engine.generate(workload.prompts, workload.params())
-    return time.perf_counter() - start, [o.token_ids for o in outputs]
+    seconds = fastest(repeats, lambda: timed(lambda: engine.generate(workload.prompts, workload.params())))
+    return seconds, [o.token_ids for o in engine.generate(workload.prompts, workload.params())]
 
 
-def run_engine_ray(config: EngineConfig, workload: Workload) -> tuple[float, list[list[int]]]:
+def run_engine_ray(config: EngineConfig, workload: Workload, repeats: int) -> tuple[float, list[list[int]]]:
     import ray
 
     from cluster.driver import launch
@@ -92,9 +105,11 @@ def run_engine_ray(config: EngineConfig, workload: Workload) -> tuple[float, lis
     try:
         driver = launch(config)
         ray.get(driver.generate.remote(workload.prompts[:2], SamplingParams(max_tokens=2, temperature=0)))
-        start = time.perf_counter()
-        outputs = ray.get(driver.generate.remote(workload.prompts, workload.params()))
-        return time.perf_counter() - start, [o.token_ids for o in outputs]
+        def serve() -> list:
+            return ray.get(driver.generate.remote(workload.prompts, workload.params()))
+
+        seconds = fastest(repeats, lambda: timed(serve))
+        return seconds, [o.token_ids for o in serve()]
     finally:
         ray.shutdown()
 
@@ -112,6 +127,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="shape of the random benchmark model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest counts")
     parser.add_argument("--json", help="also write the figures to this file")
 
 
@@ -151,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, float] = {}
         tokens: dict[str, list[list[int]]] = {}
         if "ray" not in args.skip:
-            rows["raylora (driver + worker actor)"], tokens["ray"] = run_engine_ray(config, workload)
+            rows["raylora (driver + worker actor)"], tokens["ray"] = run_engine_ray(config, workload, args.repeats)
         if "in-process" not in args.skip:
-            rows["raylora (in-process)"], tokens["local"] = run_engine_in_process(config, workload)
+            rows["raylora (in-process)"], tokens["local"] = run_engine_in_process(config, workload, args.repeats)
         if "transformers" not in args.skip:
             rows[f"transformers generate (static batch {args.hf_batch_size})"] = run_transformers(
-                model_dir, workload, args.hf_batch_size, args.threads
+                model_dir, workload, args.hf_batch_size, args.threads, args.repeats
             )
     print_table(rows, workload)
     if "ray" in tokens and "local" in tokens and tokens["ray"] != tokens["local"]:

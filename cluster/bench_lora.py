@@ -4,7 +4,8 @@ N requests spread round-robin over K rank-r adapters on all seven projections, v
 and output lengths, EOS ignored. Reports: raylora with the adapters mixed (through the driver
 actor and in-process), the same engine serving the base model only (the LoRA overhead ratio),
 peft's mixed-adapter `generate(adapter_names=...)` in static batches, and the time to move an
-adapter from the worker's CPU cache into a slot.
+adapter from the worker's CPU cache into a slot. Each side counts its fastest of `--repeats`
+runs; the mixed and base-only engine runs alternate, so both see the same machine.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from cluster.bench import (
     Workload,
     add_workload_arguments,
     engine_config,
+    fastest,
     generate_static_batches,
     make_workload,
+    timed,
 )
 from cluster.config import EngineConfig
 from cluster.sampling_params import SamplingParams
@@ -32,7 +35,7 @@ from lora.slots import SlotLoad
 
 
 def run_peft(model_dir: Path, adapters: list[Path], workload: Workload, names: list[str], batch_size: int,
-             threads: int) -> float:
+             threads: int, repeats: int) -> float:
     """Seconds for peft to serve the workload, mixed adapters per batch, static batches."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -42,22 +45,21 @@ def run_peft(model_dir: Path, adapters: list[Path], workload: Workload, names: l
     model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for index, path in enumerate(adapters[1:], start=1):
         model.load_adapter(str(path), adapter_name=f"a{index}")
-    return generate_static_batches(model, workload, batch_size, names)
+    return fastest(repeats, lambda: generate_static_batches(model, workload, batch_size, names))
 
 
-def run_in_process(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) -> dict[str, float]:
+def run_in_process(config: EngineConfig, workload: Workload, loras: list[LoRARequest], repeats: int) -> dict[str, float]:
     from cluster.offline import OfflineEngine
 
     engine = OfflineEngine(config)
     warm = [SamplingParams(max_tokens=2, temperature=0)] * len(loras)
     engine.generate([[5, 6]] * len(loras), warm, loras)  # every adapter read into the CPU cache once
-    start = time.perf_counter()
-    engine.generate(workload.prompts, workload.params(), [loras[i % len(loras)] for i in range(len(workload.prompts))])
-    mixed = time.perf_counter() - start
-    start = time.perf_counter()
-    engine.generate(workload.prompts, workload.params())
-    base_only = time.perf_counter() - start
-    return {"mixed": mixed, "base": base_only, "swap_ms": measure_swap_ms(engine, loras[0])}
+    mixed_loras = [loras[i % len(loras)] for i in range(len(workload.prompts))]
+    mixed, base_only = [], []
+    for _ in range(max(1, repeats)):
+        mixed.append(timed(lambda: engine.generate(workload.prompts, workload.params(), mixed_loras)))
+        base_only.append(timed(lambda: engine.generate(workload.prompts, workload.params())))
+    return {"mixed": min(mixed), "base": min(base_only), "swap_ms": measure_swap_ms(engine, loras[0])}
 
 
 def measure_swap_ms(engine, lora: LoRARequest, repeats: int = 50) -> float:
@@ -72,7 +74,7 @@ def measure_swap_ms(engine, lora: LoRARequest, repeats: int = 50) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def run_ray(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) -> float:
+def run_ray(config: EngineConfig, workload: Workload, loras: list[LoRARequest], repeats: int) -> float:
     import ray
 
     from cluster.driver import launch
@@ -83,9 +85,7 @@ def run_ray(config: EngineConfig, workload: Workload, loras: list[LoRARequest]) 
         warm = [SamplingParams(max_tokens=2, temperature=0)] * len(loras)
         ray.get(driver.generate.remote([[5, 6]] * len(loras), warm, loras))
         mixed = [loras[i % len(loras)] for i in range(len(workload.prompts))]
-        start = time.perf_counter()
-        ray.get(driver.generate.remote(workload.prompts, workload.params(), mixed))
-        return time.perf_counter() - start
+        return fastest(repeats, lambda: timed(lambda: ray.get(driver.generate.remote(workload.prompts, workload.params(), mixed))))
     finally:
         ray.shutdown()
 
@@ -114,15 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         tokens = workload.useful_tokens
         if "ray" not in args.skip:
-            figures["raylora, mixed adapters (driver + worker actor)"] = tokens / run_ray(config, workload, loras)
+            figures["raylora, mixed adapters (driver + worker actor)"] = tokens / run_ray(config, workload, loras, args.repeats)
         if "in-process" not in args.skip:
-            result = run_in_process(config, workload, loras)
+            result = run_in_process(config, workload, loras, args.repeats)
             figures["raylora, mixed adapters (in-process)"] = tokens / result["mixed"]
             figures["raylora, base model only (in-process)"] = tokens / result["base"]
             figures["swap CPU cache -> slot (ms)"] = result["swap_ms"]
         if "peft" not in args.skip:
             names = [f"a{i % args.adapters}" for i in range(args.num_requests)]
-            seconds = run_peft(model_dir, adapters, workload, names, args.hf_batch_size, args.threads)
+            seconds = run_peft(model_dir, adapters, workload, names, args.hf_batch_size, args.threads, args.repeats)
             figures[f"peft generate(adapter_names) (static batch {args.hf_batch_size})"] = tokens / seconds
     print(f"{args.num_requests} requests over {args.adapters} rank-{args.rank} adapters (all 7 projections), "
           f"{workload.useful_tokens} useful output tokens")

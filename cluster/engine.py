@@ -23,7 +23,7 @@ from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from cluster.sequence import Sequence
 from lora.request import LoRARequest
-from lora.slots import SlotTable
+from lora.slots import SlotLoad, SlotTable
 from workers.models.config import ModelConfig
 from workers.step import SamplingBatch, StepInput, StepOutput, cache_slots
 
@@ -164,6 +164,7 @@ class EngineCore:
         return max(1, min(self.limits.num_scheduler_steps, room, wanted))
 
     def build_step(self, batch: ScheduledBatch) -> StepInput:
+        lora_loads = self._order_by_slot(batch) if self.slots is not None else []
         seqs = batch.seqs
         block_size = self.limits.block_size
         if batch.is_prefill:
@@ -187,16 +188,20 @@ class EngineCore:
             sampling=self._sampling_batch(seqs), num_steps=batch.num_steps,
         )
         if self.slots is not None:
-            self._place_adapters(seqs, step)
+            step.lora_loads = lora_loads
+            step.lora_slots = np.array([self.slots.slot(seq.lora_id) for seq in seqs], dtype=np.int64)
+            step.rope_tables = np.array([seq.rope_table for seq in seqs], dtype=np.int64)
         return step
 
-    def _place_adapters(self, seqs: list[Sequence], step: StepInput) -> None:
-        """Slots for the batch's adapters (loads for the new ones) and each sequence's slot."""
+    def _order_by_slot(self, batch: ScheduledBatch) -> list[SlotLoad]:
+        """Give the batch's adapters slots (loads for the new ones), then order the batch by slot,
+        so each adapter's tokens form one run and the LoRA ops need no gather or scatter for a
+        prefill (the rows are one range). Returns the loads."""
         assert self.slots is not None
-        batch_loras = {seq.lora_id: seq.lora for seq in seqs if seq.lora is not None}
-        step.lora_loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
-        step.lora_slots = np.array([self.slots.slot(seq.lora_id) for seq in seqs], dtype=np.int64)
-        step.rope_tables = np.array([seq.rope_table for seq in seqs], dtype=np.int64)
+        batch_loras = {seq.lora_id: seq.lora for seq in batch.seqs if seq.lora is not None}
+        loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
+        batch.seqs.sort(key=lambda seq: self.slots.slot(seq.lora_id))
+        return loads
 
     @staticmethod
     def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -78,7 +78,7 @@ class LoRAStepMetadata:
         tile_starts, tile_lens, tile_slots = _cut_into_tiles(seg_starts, seg_lens, seg_slots)
         ordered, counts = _rows_by_slot(slots, num_slots)
         ends = torch.cumsum(counts, 0)
-        grid = SlotGrid.build(ordered, slots[ordered], counts, num_slots)
+        grid = SlotGrid.build(ordered, slots[ordered], counts, int(slots.numel()))
         lora_rows = _as_slice_if_range(ordered)
         slot_ranges = tuple(
             (slot, end - count, end)
@@ -109,36 +109,45 @@ class LoRAStepMetadata:
 @dataclass(frozen=True)
 class SlotGrid:
     """Every LoRA token in a [num_slots, rows_per_slot] grid, row-major, so one batched
-    matmul per weight covers all slots. Cells beyond a slot's count are padding: they point
-    at token 0 and `padding` marks them, so their input is zeroed and their delta is 0."""
+    matmul per weight covers all slots. Cells beyond a slot's count are padding: they read
+    token 0's input, and the op zeroes their rank-sized intermediate, so their delta is 0.
+    Each token then reads its delta back from its cell (base tokens from a padding cell),
+    a gather rather than a scatter."""
 
     rows_per_slot: int
     cell_tokens: torch.Tensor  # [num_slots * rows_per_slot] int64, the token in each cell
     padding: torch.Tensor | None  # [num_slots * rows_per_slot, 1] bool; None when every cell is used
+    token_cells: torch.Tensor  # [num_tokens] int64, the cell holding each token's delta
 
     @classmethod
     def build(
-        cls, ordered: torch.Tensor, ordered_slots: torch.Tensor, counts: torch.Tensor, num_slots: int
+        cls, ordered: torch.Tensor, ordered_slots: torch.Tensor, counts: torch.Tensor, num_tokens: int
     ) -> SlotGrid | None:
         """From the LoRA tokens sorted by slot, their slots and the count per slot; None when
         the grid would be mostly padding (a prefill of one long prompt beside short ones)."""
-        lora_tokens = ordered.numel()
-        rows_per_slot = int(counts.max()) if counts.numel() else 0
+        lora_tokens, num_slots = ordered.numel(), counts.numel()
+        rows_per_slot = int(counts.max()) if num_slots else 0
+        if num_slots * rows_per_slot == lora_tokens < num_tokens:
+            rows_per_slot += 1  # base tokens need a padding cell to read their zero delta from
         if lora_tokens == 0 or num_slots * rows_per_slot > MAX_GRID_CELLS_PER_ROW * lora_tokens:
             return None
+        num_cells = num_slots * rows_per_slot
         slot_starts = torch.cumsum(counts, 0) - counts
         cells = ordered_slots * rows_per_slot + torch.arange(lora_tokens) - slot_starts[ordered_slots]
-        cell_tokens = torch.zeros(num_slots * rows_per_slot, dtype=torch.int64)
+        cell_tokens = torch.zeros(num_cells, dtype=torch.int64)
         cell_tokens[cells] = ordered
         padding = None
-        if num_slots * rows_per_slot > lora_tokens:
-            padding = torch.ones(num_slots * rows_per_slot, 1, dtype=torch.bool)
+        token_cells = torch.zeros(num_tokens, dtype=torch.int64)
+        if num_cells > lora_tokens:
+            padding = torch.ones(num_cells, 1, dtype=torch.bool)
             padding[cells] = False
-        return cls(rows_per_slot, cell_tokens, padding)
+            token_cells.fill_(int(padding.flatten().nonzero()[0]))
+        token_cells[ordered] = cells
+        return cls(rows_per_slot, cell_tokens, padding, token_cells)
 
     def to(self, device: torch.device) -> SlotGrid:
         padding = None if self.padding is None else self.padding.to(device)
-        return SlotGrid(self.rows_per_slot, self.cell_tokens.to(device), padding)
+        return SlotGrid(self.rows_per_slot, self.cell_tokens.to(device), padding, self.token_cells.to(device))
 
 
 def _check_slots(slots: torch.Tensor, num_slots: int) -> None:

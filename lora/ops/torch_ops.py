@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lora.ops.metadata import LoRAStepMetadata
+from lora.ops.metadata import LoRAStepMetadata, SlotGrid
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -46,22 +46,33 @@ def add_lora(
     ([slots, P*rank, in]), so its slices share one gather of x and one shrink."""
     rank = lora_b[0].shape[2]
     if meta.grid is not None:
-        grid = meta.grid
-        cells = x.index_select(0, grid.cell_tokens).float().view(-1, grid.rows_per_slot, x.shape[1])
-        shrunk = torch.bmm(cells, stacked_a.float().transpose(1, 2))
-        if grid.padding is not None:  # padding cells read token 0; a zero here makes their delta exactly 0
-            shrunk.masked_fill_(grid.padding.view(shrunk.shape[0], -1, 1), 0)
-        rows: slice | torch.Tensor = grid.cell_tokens
-    else:
-        shrunk = grouped_matmul(x[meta.lora_rows], stacked_a, meta)
-        rows = meta.lora_rows
+        _add_lora_on_grid(out, x, stacked_a, lora_b, meta.grid, offsets, rank)
+        return
+    shrunk = grouped_matmul(x[meta.lora_rows], stacked_a, meta)
     for index, (b, offset) in enumerate(zip(lora_b, offsets)):
-        part = shrunk[..., index * rank : (index + 1) * rank]
-        if meta.grid is not None:
-            delta = torch.bmm(part, b.float().transpose(1, 2)).view(-1, b.shape[1])
-        else:
-            delta = grouped_matmul(part, b, meta)
-        _add_rows(out[:, offset : offset + b.shape[1]], rows, delta)
+        delta = grouped_matmul(shrunk[:, index * rank : (index + 1) * rank], b, meta)
+        _add_rows(out[:, offset : offset + b.shape[1]], meta.lora_rows, delta)
+
+
+def _add_lora_on_grid(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    stacked_a: torch.Tensor,
+    lora_b: Sequence[torch.Tensor],
+    grid: SlotGrid,
+    offsets: Sequence[int],
+    rank: int,
+) -> None:
+    """One batched shrink over the [num_slots, rows_per_slot] grid, one batched expand per slice,
+    and each token gathers its delta row back (base tokens gather a zero padding row)."""
+    cells = x.index_select(0, grid.cell_tokens).float().view(-1, grid.rows_per_slot, x.shape[1])
+    shrunk = torch.bmm(cells, stacked_a.float().transpose(1, 2))
+    if grid.padding is not None:
+        shrunk.masked_fill_(grid.padding.view(shrunk.shape[0], -1, 1), 0)
+    for index, (b, offset) in enumerate(zip(lora_b, offsets)):
+        delta = torch.bmm(shrunk[..., index * rank : (index + 1) * rank], b.float().transpose(1, 2))
+        rows = delta.view(-1, b.shape[1]).index_select(0, grid.token_cells)
+        out[:, offset : offset + b.shape[1]].add_(rows.to(out.dtype))
 
 
 def grouped_matmul(rows: torch.Tensor, weights: torch.Tensor, meta: LoRAStepMetadata) -> torch.Tensor:

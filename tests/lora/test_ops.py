@@ -103,6 +103,8 @@ def test_metadata_lays_a_mixed_decode_batch_out_as_a_padded_slot_grid() -> None:
     # Slot 0 holds tokens 1 and 8, slot 1 tokens 4 and 5, slot 2 token 6 (one padding cell), slot 3 tokens 0 and 3.
     assert grid.cell_tokens.tolist() == [1, 8, 4, 5, 6, 0, 0, 3]
     assert grid.padding is not None and grid.padding.flatten().tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+    # Each token reads its delta from its cell; the base tokens 2 and 7 from the padding cell.
+    assert grid.token_cells.tolist() == [6, 0, 5, 7, 2, 3, 4, 5, 1]
 
 
 def test_metadata_skips_the_grid_when_it_would_be_mostly_padding() -> None:
@@ -110,6 +112,8 @@ def test_metadata_skips_the_grid_when_it_would_be_mostly_padding() -> None:
     assert LoRAStepMetadata.build(one_long_prompt, NUM_SLOTS).grid is None
     assert LoRAStepMetadata.build([-1, 2, 2, 1, 0, 3, 3], NUM_SLOTS).grid.padding is not None
     assert LoRAStepMetadata.build([0, 1, 2, 3], NUM_SLOTS).grid.padding is None
+    with_base_token = LoRAStepMetadata.build([0, 1, 2, 3, -1], NUM_SLOTS).grid
+    assert with_base_token.rows_per_slot == 2 and with_base_token.token_cells[4] in (1, 3, 5, 7)
 
 
 def test_metadata_of_empty_and_base_only_steps() -> None:
