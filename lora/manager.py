@@ -198,12 +198,12 @@ class LoRAManager:
             self.context.token_meta = self.context.row_meta = None
             return
         device = self.spec.device
-        token_slots = torch.from_numpy(np.repeat(lora_slots, query_lens))
+        token_slots = np.repeat(lora_slots, query_lens)
         self.context.token_meta = LoRAStepMetadata.build(token_slots, self.spec.num_slots, device)
         one_token_each = len(token_slots) == len(lora_slots)  # decode: the sampled rows are the tokens
         self.context.row_meta = (
             self.context.token_meta if one_token_each
-            else LoRAStepMetadata.build(torch.tensor(lora_slots), self.spec.num_slots, device)
+            else LoRAStepMetadata.build(lora_slots, self.spec.num_slots, device)
         )
 
 

@@ -2,9 +2,10 @@
 
 The torch path pads the step into a batch and runs one masked scaled-dot-product attention for
 all sequences: a prefill (everything is recomputed, nothing is cached before it) attends over
-its own new keys; a decode gathers each sequence's cache blocks, whole blocks at a time. No
-per-sequence or per-token Python loop; the index tensors are built once per step
-(`AttentionMetadata.build`) and shared by every layer.
+its own new keys; a decode gathers each sequence's cache blocks, whole blocks at a time. On a
+CPU worker a decode instead runs the C++ paged kernel of `workers.cpu_attention`, which reads
+the blocks in place. No per-sequence or per-token Python loop; the index tensors are built once
+per step (`AttentionMetadata.build`) and shared by every layer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workers import cpu_attention
 
 
 @dataclass
@@ -26,6 +29,7 @@ class AttentionMetadata:
     query_valid: torch.Tensor  # [B, Q] False on padding
     attn_mask: torch.Tensor  # [B, 1, Q, L] True where the query may attend the key
     is_prefill: bool
+    context_lens: torch.Tensor  # [B] int64 tokens each sequence attends to
 
     @staticmethod
     def build(
@@ -50,7 +54,9 @@ class AttentionMetadata:
         query_pos = torch.where(query_valid, positions[query_index], 0)
         key_pos = torch.arange(key_len, device=device)
         attn_mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
-        return AttentionMetadata(slot_mapping, gather_blocks, query_index, query_valid, attn_mask, is_prefill)
+        return AttentionMetadata(
+            slot_mapping, gather_blocks, query_index, query_valid, attn_mask, is_prefill, context_lens
+        )
 
 
 class Attention(nn.Module):
@@ -77,6 +83,12 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         self.k_cache[meta.slot_mapping] = k
         self.v_cache[meta.slot_mapping] = v
+        if not meta.is_prefill and q.device.type == "cpu" and cpu_attention.kernel() is not None:
+            out = cpu_attention.paged_decode_attention(
+                q.view(tokens, self.num_heads, self.head_dim), self.k_cache, self.v_cache,
+                meta.gather_blocks, meta.context_lens, self.block_size, self.scale,
+            )
+            return out.view(tokens, self.num_heads * self.head_dim)
         if meta.is_prefill:  # every key of the sequence is new in this step
             keys, values = k[meta.query_index], v[meta.query_index]  # [B, Q, Hkv, D]
         else:

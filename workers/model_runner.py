@@ -10,6 +10,7 @@ import torch
 
 from cluster.config import EngineConfig
 from lora.manager import LoRAManager
+from workers import cpu_attention
 from workers.attention import Attention, AttentionMetadata
 from workers.device import resolve_device, resolve_dtype
 from workers.distributed import tp_rank
@@ -92,6 +93,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         for layer in self.attention_layers:
             layer.allocate_cache(num_blocks, self.config.block_size, self.dtype, self.device)
+        if self.device.type == "cpu":
+            cpu_attention.kernel()  # built (or loaded from its disk cache) now, not in the first decode
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.tensor(array, device=self.device)  # a copy: Ray hands over read-only arrays

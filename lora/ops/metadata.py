@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Tokens per SGMV tile: the M of its `tl.dot`, 16 being the smallest tensor-core tile.
@@ -61,48 +62,50 @@ class LoRAStepMetadata:
     @classmethod
     def build(
         cls,
-        token_slots: torch.Tensor | Sequence[int],
+        token_slots: torch.Tensor | np.ndarray | Sequence[int],
         num_slots: int,
         device: torch.device | str | None = None,
     ) -> LoRAStepMetadata:
-        """Index a step's per-token slots (-1 = no LoRA); tensors land on `device` (default: token_slots')."""
+        """Index a step's per-token slots (-1 = no LoRA); tensors land on `device` (default: token_slots').
+
+        The index arithmetic runs in numpy: these arrays are a few hundred entries, where each
+        numpy call costs a microsecond and each torch call several.
+        """
         if isinstance(token_slots, torch.Tensor):
             device = token_slots.device if device is None else device
-            slots = token_slots.detach().to("cpu", torch.int64).reshape(-1)
+            slots = token_slots.detach().cpu().numpy().astype(np.int64).reshape(-1)
         else:
-            slots = torch.tensor(list(token_slots), dtype=torch.int64)
+            slots = np.asarray(token_slots, dtype=np.int64).reshape(-1)
         device = torch.device("cpu") if device is None else torch.device(device)
         _check_slots(slots, num_slots)
 
         seg_starts, seg_lens, seg_slots = _lora_segments(slots)
         tile_starts, tile_lens, tile_slots = _cut_into_tiles(seg_starts, seg_lens, seg_slots)
         ordered, counts = _rows_by_slot(slots, num_slots)
-        ends = torch.cumsum(counts, 0)
-        grid = SlotGrid.build(ordered, slots[ordered], counts, int(slots.numel()))
+        ends = np.cumsum(counts)
+        grid = SlotGrid.build(ordered, slots[ordered], counts, slots.size)
         lora_rows = _as_slice_if_range(ordered)
         slot_ranges = tuple(
-            (slot, end - count, end)
-            for slot, (count, end) in enumerate(zip(counts.tolist(), ends.tolist()))
-            if count
+            (slot, end - count, end) for slot, (count, end) in enumerate(zip(counts.tolist(), ends.tolist())) if count
         )
 
-        def on_device(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, torch.int32)
+        def on_device(array: np.ndarray, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.from_numpy(array).to(device, dtype)
 
         return cls(
-            num_tokens=int(slots.numel()),
-            num_lora_tokens=int(seg_lens.sum()),
-            token_slots=slots.to(device),
+            num_tokens=int(slots.size),
+            num_lora_tokens=int(ordered.size),
+            token_slots=on_device(slots, torch.int64),
             seg_starts=on_device(seg_starts),
             seg_lens=on_device(seg_lens),
             seg_slots=on_device(seg_slots),
             tile_starts=on_device(tile_starts),
             tile_lens=on_device(tile_lens),
             tile_slots=on_device(tile_slots),
-            lora_rows=lora_rows if isinstance(lora_rows, slice) else lora_rows.to(device),
+            lora_rows=lora_rows if isinstance(lora_rows, slice) else on_device(lora_rows, torch.int64),
             slot_ends=on_device(ends),
             slot_ranges=slot_ranges,
-            grid=None if grid is None else grid.to(device),
+            grid=None if grid is None else grid.on(device),
         )
 
 
@@ -121,78 +124,80 @@ class SlotGrid:
 
     @classmethod
     def build(
-        cls, ordered: torch.Tensor, ordered_slots: torch.Tensor, counts: torch.Tensor, num_tokens: int
+        cls, ordered: np.ndarray, ordered_slots: np.ndarray, counts: np.ndarray, num_tokens: int
     ) -> SlotGrid | None:
         """From the LoRA tokens sorted by slot, their slots and the count per slot; None when
         the grid would be mostly padding (a prefill of one long prompt beside short ones)."""
-        lora_tokens, num_slots = ordered.numel(), counts.numel()
+        lora_tokens, num_slots = ordered.size, counts.size
         rows_per_slot = int(counts.max()) if num_slots else 0
         if num_slots * rows_per_slot == lora_tokens < num_tokens:
             rows_per_slot += 1  # base tokens need a padding cell to read their zero delta from
         if lora_tokens == 0 or num_slots * rows_per_slot > MAX_GRID_CELLS_PER_ROW * lora_tokens:
             return None
         num_cells = num_slots * rows_per_slot
-        slot_starts = torch.cumsum(counts, 0) - counts
-        cells = ordered_slots * rows_per_slot + torch.arange(lora_tokens) - slot_starts[ordered_slots]
-        cell_tokens = torch.zeros(num_cells, dtype=torch.int64)
+        slot_starts = np.cumsum(counts) - counts
+        cells = ordered_slots * rows_per_slot + np.arange(lora_tokens) - slot_starts[ordered_slots]
+        cell_tokens = np.zeros(num_cells, dtype=np.int64)
         cell_tokens[cells] = ordered
         padding = None
-        token_cells = torch.zeros(num_tokens, dtype=torch.int64)
+        token_cells = np.zeros(num_tokens, dtype=np.int64)
         if num_cells > lora_tokens:
-            padding = torch.ones(num_cells, 1, dtype=torch.bool)
+            padding = np.ones((num_cells, 1), dtype=bool)
             padding[cells] = False
-            token_cells.fill_(int(padding.flatten().nonzero()[0]))
+            token_cells[:] = int(np.flatnonzero(padding)[0])
         token_cells[ordered] = cells
-        return cls(rows_per_slot, cell_tokens, padding, token_cells)
+        return cls(
+            rows_per_slot, torch.from_numpy(cell_tokens), None if padding is None else torch.from_numpy(padding),
+            torch.from_numpy(token_cells),
+        )
 
-    def to(self, device: torch.device) -> SlotGrid:
+    def on(self, device: torch.device) -> SlotGrid:
         padding = None if self.padding is None else self.padding.to(device)
         return SlotGrid(self.rows_per_slot, self.cell_tokens.to(device), padding, self.token_cells.to(device))
 
 
-def _check_slots(slots: torch.Tensor, num_slots: int) -> None:
-    if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= num_slots):
+def _check_slots(slots: np.ndarray, num_slots: int) -> None:
+    if slots.size and (int(slots.min()) < -1 or int(slots.max()) >= num_slots):
         raise ValueError(f"token slots must lie in [-1, {num_slots}), got {slots.min()}..{slots.max()}")
 
 
-def _lora_segments(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_segments(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal consecutive slots, base-only runs dropped."""
-    if slots.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
+    if slots.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    changes = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), changes])
-    lens = torch.diff(starts, append=torch.tensor([slots.numel()]))
+    starts = np.concatenate([[0], np.flatnonzero(slots[1:] != slots[:-1]) + 1])
+    lens = np.diff(starts, append=slots.size)
     run_slots = slots[starts]
     keep = run_slots >= 0
     return starts[keep], lens[keep], run_slots[keep]
 
 
 def _cut_into_tiles(
-    seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seg_starts: np.ndarray, seg_lens: np.ndarray, seg_slots: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tiles_per_seg = (seg_lens + SGMV_TILE_TOKENS - 1) // SGMV_TILE_TOKENS
-    tile_seg = torch.repeat_interleave(torch.arange(seg_starts.numel()), tiles_per_seg)
-    first_tile_of_seg = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg
-    index_in_seg = torch.arange(tile_seg.numel()) - first_tile_of_seg[tile_seg]
+    tile_seg = np.repeat(np.arange(seg_starts.size), tiles_per_seg)
+    first_tile_of_seg = np.cumsum(tiles_per_seg) - tiles_per_seg
+    index_in_seg = np.arange(tile_seg.size) - first_tile_of_seg[tile_seg]
     starts = seg_starts[tile_seg] + index_in_seg * SGMV_TILE_TOKENS
     seg_ends = seg_starts[tile_seg] + seg_lens[tile_seg]
-    lens = torch.clamp(seg_ends - starts, max=SGMV_TILE_TOKENS)
+    lens = np.minimum(seg_ends - starts, SGMV_TILE_TOKENS)
     return starts, lens, seg_slots[tile_seg]
 
 
-def _rows_by_slot(slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_by_slot(slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray]:
     """LoRA token indices grouped by slot (one stable sort) and the count per slot."""
-    lora_tokens = torch.nonzero(slots >= 0).flatten()
+    lora_tokens = np.flatnonzero(slots >= 0)
     lora_slots = slots[lora_tokens]
-    ordered = lora_tokens[torch.sort(lora_slots, stable=True).indices]
-    return ordered, torch.bincount(lora_slots, minlength=num_slots)
+    ordered = lora_tokens[np.argsort(lora_slots, kind="stable")]
+    return ordered, np.bincount(lora_slots, minlength=num_slots)
 
 
-def _as_slice_if_range(ordered: torch.Tensor) -> slice | torch.Tensor:
+def _as_slice_if_range(ordered: np.ndarray) -> slice | np.ndarray:
     """A run of consecutive rows (one adapter, or prefill segments in slot order) becomes a
     slice, so the torch path skips its gather and scatter."""
-    n = ordered.numel()
+    n = ordered.size
     if n and int(ordered[-1]) - int(ordered[0]) == n - 1 and bool((ordered[1:] > ordered[:-1]).all()):
         return slice(int(ordered[0]), int(ordered[0]) + n)
     return ordered
