@@ -27,6 +27,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyManifest:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build (or load) the CPU attention kernel before any worker needs it, so no test's timeout
+    pays the one-time compile."""
+    from workers import cpu_attention
+
+    cpu_attention.kernel()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slow` run only with RAYLORA_SLOW=1, so the default suite stays within minutes."""
     if os.environ.get("RAYLORA_SLOW") == "1":
