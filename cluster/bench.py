@@ -3,9 +3,12 @@
 Both serve the same requests (varied prompt and output lengths, EOS ignored so every request
 produces exactly its output length): the engine with continuous batching through the driver
 actor, and in-process without Ray; transformers with static batches, left-padded, each batch
-running to its longest output. Useful tokens are the requested output tokens. Each side is
-timed `--repeats` times and its fastest run counts: on a shared 2-core machine the slower
-runs measure the neighbours, not the code.
+running to its longest output. Useful tokens are the requested output tokens.
+
+The sides run in interleaved rounds (`--repeats`), all in one process with Ray up when the
+actor path is measured: on a shared 2-core machine the speed drifts by ±20 % over minutes, and
+taking every side once per round makes the drift hit them alike. Tokens/s use each side's
+fastest round; ratios are the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -47,15 +50,28 @@ def make_workload(num_requests: int, vocab_size: int, prompt_range: tuple[int, i
     return Workload(prompts, [int(n) for n in output_lens])
 
 
-def fastest(repeats: int, timed_run: Callable[[], float]) -> float:
-    """Seconds of the fastest of `repeats` runs of `timed_run` (which returns its own seconds)."""
-    return min(timed_run() for _ in range(max(1, repeats)))
+Timer = Callable[[], float]  # runs one side over the whole workload once, returns its seconds
 
 
 def timed(run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def interleave(sides: dict[str, Timer], repeats: int) -> dict[str, list[float]]:
+    """Seconds of every side, each run once per round: slow phases of a shared machine then hit
+    every side alike instead of whichever happened to run during them."""
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(max(1, repeats)):
+        for name, run in sides.items():
+            seconds[name].append(run())
+    return seconds
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median over rounds of numerator / denominator, each round's pair taken side by side."""
+    return float(np.median([a / b for a, b in zip(numerators, denominators)]))
 
 
 def generate_static_batches(model, workload: Workload, batch_size: int, adapter_names: list[str] | None = None) -> float:
@@ -79,39 +95,32 @@ def generate_static_batches(model, workload: Workload, batch_size: int, adapter_
     return time.perf_counter() - start
 
 
-def run_transformers(model_dir: Path, workload: Workload, batch_size: int, threads: int, repeats: int) -> float:
+def transformers_timer(model_dir: Path, workload: Workload, batch_size: int, threads: int) -> Timer:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return fastest(repeats, lambda: generate_static_batches(model, workload, batch_size))
+    return lambda: generate_static_batches(model, workload, batch_size)
 
 
-def run_engine_in_process(config: EngineConfig, workload: Workload, repeats: int) -> tuple[float, list[list[int]]]:
+def in_process_engine(config: EngineConfig):
+    """An `OfflineEngine`, warmed up (kernels loaded, first-step allocations made)."""
     from cluster.offline import OfflineEngine
 
     engine = OfflineEngine(config)
-    engine.generate(workload.prompts[:2], [SamplingParams(max_tokens=2, temperature=0)] * 2)  # warm up
-    seconds = fastest(repeats, lambda: timed(lambda: engine.generate(workload.prompts, workload.params())))
-    return seconds, [o.token_ids for o in engine.generate(workload.prompts, workload.params())]
+    engine.generate([[5, 6], [7, 8, 9]], [SamplingParams(max_tokens=2, temperature=0)] * 2)
+    return engine
 
 
-def run_engine_ray(config: EngineConfig, workload: Workload, repeats: int) -> tuple[float, list[list[int]]]:
+def ray_driver(config: EngineConfig):
+    """A driver actor on the already-initialized Ray, warmed up."""
     import ray
 
     from cluster.driver import launch
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        driver = launch(config)
-        ray.get(driver.generate.remote(workload.prompts[:2], SamplingParams(max_tokens=2, temperature=0)))
-        def serve() -> list:
-            return ray.get(driver.generate.remote(workload.prompts, workload.params()))
-
-        seconds = fastest(repeats, lambda: timed(serve))
-        return seconds, [o.token_ids for o in serve()]
-    finally:
-        ray.shutdown()
+    driver = launch(config)
+    ray.get(driver.generate.remote([[5, 6], [7, 8, 9]], SamplingParams(max_tokens=2, temperature=0)))
+    return driver
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +136,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="shape of the random benchmark model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; each side runs once per round")
     parser.add_argument("--json", help="also write the figures to this file")
 
 
@@ -159,42 +168,61 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "engine":
         argv = argv[1:]
     args = parse_args(argv)
+    import ray
+
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(args.model) if args.model else write_random_llama(Path(scratch) / "bench-llama", **PRESETS[args.preset])
         vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         workload = make_workload(args.num_requests, vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
         config = engine_config(args, model_dir)
-        rows: dict[str, float] = {}
+        sides: dict[str, Timer] = {}
         tokens: dict[str, list[list[int]]] = {}
         if "ray" not in args.skip:
-            rows["raylora (driver + worker actor)"], tokens["ray"] = run_engine_ray(config, workload, args.repeats)
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            driver = ray_driver(config)
+            sides[ACTOR] = lambda: timed(lambda: ray.get(driver.generate.remote(workload.prompts, workload.params())))
         if "in-process" not in args.skip:
-            rows["raylora (in-process)"], tokens["local"] = run_engine_in_process(config, workload, args.repeats)
+            engine = in_process_engine(config)
+            sides[IN_PROCESS] = lambda: timed(lambda: engine.generate(workload.prompts, workload.params()))
         if "transformers" not in args.skip:
-            rows[f"transformers generate (static batch {args.hf_batch_size})"] = run_transformers(
-                model_dir, workload, args.hf_batch_size, args.threads, args.repeats
+            sides[f"transformers generate (static batch {args.hf_batch_size})"] = transformers_timer(
+                model_dir, workload, args.hf_batch_size, args.threads
             )
-    print_table(rows, workload)
-    if "ray" in tokens and "local" in tokens and tokens["ray"] != tokens["local"]:
+        try:
+            seconds = interleave(sides, args.repeats)
+            if ACTOR in sides and IN_PROCESS in sides:
+                tokens["ray"] = [o.token_ids for o in ray.get(driver.generate.remote(workload.prompts, workload.params()))]
+                tokens["local"] = [o.token_ids for o in engine.generate(workload.prompts, workload.params())]
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+    print_table(seconds, workload)
+    if tokens and tokens["ray"] != tokens["local"]:
         print("warning: the actor and in-process engines produced different tokens")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: workload.useful_tokens / v for k, v in rows.items()}, indent=2))
+        figures = {name: workload.useful_tokens / min(runs) for name, runs in seconds.items()}
+        Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
 
 
-def print_table(rows: dict[str, float], workload: Workload) -> None:
-    print(f"{len(workload.prompts)} requests, {workload.useful_tokens} useful output tokens")
-    print(f"{'system':<45} {'seconds':>9} {'tokens/s':>10}")
-    for name, seconds in rows.items():
-        print(f"{name:<45} {seconds:>9.2f} {workload.useful_tokens / seconds:>10.1f}")
-    names = list(rows)
-    baseline = next((n for n in names if n.startswith("transformers")), None)
-    for name in names:
+ACTOR, IN_PROCESS = "raylora (driver + worker actor)", "raylora (in-process)"
+
+
+def print_table(seconds: dict[str, list[float]], workload: Workload) -> None:
+    """Each side's fastest round, and each ratio as the median over rounds."""
+    rounds = len(next(iter(seconds.values())))
+    print(f"{len(workload.prompts)} requests, {workload.useful_tokens} useful output tokens, {rounds} rounds")
+    print(f"{'system':<45} {'fastest s':>9} {'tokens/s':>10}   all rounds (s)")
+    for name, runs in seconds.items():
+        print(f"{name:<45} {min(runs):>9.2f} {workload.useful_tokens / min(runs):>10.1f}   "
+              + " ".join(f"{r:.2f}" for r in runs))
+    baseline = next((n for n in seconds if n.startswith("transformers")), None)
+    for name in seconds:
         if baseline and name != baseline:
-            print(f"{name} / transformers: {rows[baseline] / rows[name]:.2f}x")
-    if "raylora (driver + worker actor)" in rows and "raylora (in-process)" in rows:
-        share = rows["raylora (in-process)"] / rows["raylora (driver + worker actor)"]
-        print(f"actor path reaches {share:.0%} of in-process tokens/s")
+            print(f"{name} / transformers: {median_ratio(seconds[baseline], seconds[name]):.2f}x (median of rounds)")
+    if ACTOR in seconds and IN_PROCESS in seconds:
+        share = median_ratio(seconds[IN_PROCESS], seconds[ACTOR])
+        print(f"actor path reaches {share:.0%} of in-process tokens/s (median of rounds)")
 
 
 if __name__ == "__main__":
