@@ -5,8 +5,8 @@ produces exactly its output length): the engine with continuous batching through
 actor, and in-process without Ray; transformers with static batches, left-padded, each batch
 running to its longest output. Useful tokens are the requested output tokens.
 
-The sides run in interleaved rounds (`--repeats`), all in one process with Ray up when the
-actor path is measured: on a shared 2-core machine the speed drifts by ±20 % over minutes, and
+The sides run in interleaved rounds (`--repeats`, after `--warmup-rounds` untimed ones), all
+in one process with Ray up when the actor path is measured: on a shared 2-core machine the speed drifts by ±20 % over minutes, and
 taking every side once per round makes the drift hit them alike. Tokens/s use each side's
 fastest round; ratios are the median of the per-round ratios.
 """
@@ -59,9 +59,14 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleave(sides: dict[str, Timer], repeats: int) -> dict[str, list[float]]:
+def interleave(sides: dict[str, Timer], repeats: int, warmup_rounds: int = 1) -> dict[str, list[float]]:
     """Seconds of every side, each run once per round: slow phases of a shared machine then hit
-    every side alike instead of whichever happened to run during them."""
+    every side alike instead of whichever happened to run during them. The untimed warm-up
+    rounds let first-use costs settle (allocator pools at full batch size, freshly started Ray
+    processes still importing)."""
+    for _ in range(warmup_rounds):
+        for run in sides.values():
+            run()
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(max(1, repeats)):
         for name, run in sides.items():
@@ -136,7 +141,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="shape of the random benchmark model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; each side runs once per round")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; each side runs once per round")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--json", help="also write the figures to this file")
 
 
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir, workload, args.hf_batch_size, args.threads
             )
         try:
-            seconds = interleave(sides, args.repeats)
+            seconds = interleave(sides, args.repeats, args.warmup_rounds)
             if ACTOR in sides and IN_PROCESS in sides:
                 tokens["ray"] = [o.token_ids for o in ray.get(driver.generate.remote(workload.prompts, workload.params()))]
                 tokens["local"] = [o.token_ids for o in engine.generate(workload.prompts, workload.params())]

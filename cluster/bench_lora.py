@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             names = [f"a{i % args.adapters}" for i in range(args.num_requests)]
             sides[PEFT] = peft_timer(model_dir, adapters, workload, names, args.hf_batch_size, args.threads)
         try:
-            seconds = interleave(sides, args.repeats)
+            seconds = interleave(sides, args.repeats, args.warmup_rounds)
             if MIXED in sides:
                 swap_ms = measure_swap_ms(engine, loras[0])
         finally:

@@ -13,7 +13,7 @@ import torch
 from cluster.bench import main as bench_main
 
 TINY_WORKLOAD = ["--preset", "tiny", "--num-requests", "4", "--prompt-len", "4", "8", "--output-len", "2", "4",
-                 "--max-num-seqs", "4", "--repeats", "2", "--threads", "1"]
+                 "--max-num-seqs", "4", "--repeats", "2", "--warmup-rounds", "0", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
