@@ -298,6 +298,16 @@ def run_triton_cases(pattern: str) -> None:
     assert_close(got, want, torch.float16)
     assert not got[:, 0].any() and not got[:, 33].any()
 
+    stacked_a = torch.cat([a_q, a_v], dim=1)  # how the LoRA layers hold a packed layer's A: the kernels get views
+
+    def add_stacked():
+        out = packed.clone()
+        add_lora(out, x, stacked_a, [b_q, b_v], meta, offset=1)
+        return out
+
+    for result in on_both_backends(add_stacked):
+        assert_close(result, want, torch.float16)
+
     for no_lora in ([], [-1, -1]):
         x, lora_a, lora_b = make_weights(len(no_lora), 88, 130, 8, torch.float32)
         out = torch.zeros(len(no_lora), 130)
