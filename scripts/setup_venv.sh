@@ -17,6 +17,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
-# The CPU paged-attention kernel: compiled once here (about 30 s) so that no worker waits for
-# it; a host without a C++ compiler serves with the torch path instead.
-.venv/bin/python -c "from workers import cpu_attention; cpu_attention.kernel()"
+# The CPU kernels (paged attention, LoRA by slot): compiled once here (about 30 s each) so that
+# no worker waits for them; a host without a C++ compiler serves with the torch paths instead.
+.venv/bin/python -c "from workers import cpu_attention; from lora.ops import cpu_ops; cpu_attention.kernel(); cpu_ops.EXTENSION.module()"

@@ -28,11 +28,13 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyManifest:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Build (or load) the CPU attention kernel before any worker needs it, so no test's timeout
-    pays the one-time compile."""
+    """Build (or load) the CPU kernels before any worker needs them, so no test's timeout pays
+    the one-time compile."""
+    from lora.ops import cpu_ops
     from workers import cpu_attention
 
     cpu_attention.kernel()
+    cpu_ops.EXTENSION.module()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,26 +6,17 @@ and reads it twice. This kernel reads each sequence's keys and values in place, 
 block through the block table, with an online softmax: one pass over exactly the cached
 tokens, nothing copied. It is parallel over (sequence, kv head) with torch's own thread pool.
 
-It is built with the host's C++ compiler through `torch.utils.cpp_extension` (cached on disk
-per source and CPU, so later processes load it in a second). Where no compiler is found,
+It is built by `workers.cpu_extension` (once per machine, cached on disk). Where it cannot be,
 or `RAYLORA_CPU_KERNELS=0`, the torch path serves instead; results agree to float rounding.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import threading
 from types import ModuleType
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-DISABLE_ENV = "RAYLORA_CPU_KERNELS"
+from workers.cpu_extension import CpuExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -137,51 +128,12 @@ torch::Tensor paged_decode_attention(
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
-
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_unavailable = False
+EXTENSION = CpuExtension("raylora_paged_attention", _SOURCE, ["paged_decode_attention"])
 
 
 def kernel() -> ModuleType | None:
     """The compiled extension, building it on first use; None where it cannot be built."""
-    global _module, _unavailable
-    if _module is not None or _unavailable:
-        return _module
-    with _lock:
-        if _module is None and not _unavailable:
-            if os.environ.get(DISABLE_ENV, "1") == "0" or shutil.which(os.environ.get("CXX", "c++")) is None:
-                _unavailable = True
-            else:
-                _module = _build()
-                _unavailable = _module is None
-    return _module
-
-
-def _build() -> ModuleType | None:
-    from torch.utils.cpp_extension import load_inline
-
-    # -march=native code must not be loaded on another CPU that shares this cache directory.
-    name = f"raylora_paged_attention_{_cpu_fingerprint()}"
-    try:
-        return load_inline(
-            name=name, cpp_sources=[_SOURCE], functions=["paged_decode_attention"],
-            extra_cflags=_FLAGS, verbose=False,
-        )
-    except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
-        logger.warning("CPU paged-attention kernel could not be built (%s); using the torch path", error)
-        return None
-
-
-def _cpu_fingerprint() -> str:
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return EXTENSION.module()
 
 
 def paged_decode_attention(

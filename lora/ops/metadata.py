@@ -44,6 +44,9 @@ class LoRAStepMetadata:
     lora_rows: slice | torch.Tensor  # LoRA tokens ordered by slot (stable); a slice when that is a range
     slot_ends: torch.Tensor  # [num_slots] int32, where each slot's rows end within `lora_rows`
     slot_ranges: tuple[tuple[int, int, int], ...]  # (slot, start, end) within `lora_rows`, active slots
+    rows_by_slot: torch.Tensor  # [num_lora_tokens] int64, the LoRA tokens in slot order (as `lora_rows`)
+    slot_offsets: torch.Tensor  # [num_slots + 1] int64, where each slot's tokens start in `rows_by_slot`
+    max_slot_rows: int  # the most tokens any one slot has this step
     grid: SlotGrid | None = None  # the LoRA rows as a padded per-slot grid, when it is compact enough
 
     @property
@@ -105,6 +108,9 @@ class LoRAStepMetadata:
             lora_rows=lora_rows if isinstance(lora_rows, slice) else on_device(lora_rows, torch.int64),
             slot_ends=on_device(ends),
             slot_ranges=slot_ranges,
+            rows_by_slot=on_device(ordered, torch.int64),
+            slot_offsets=on_device(np.concatenate([[0], ends]), torch.int64),
+            max_slot_rows=int(counts.max()) if counts.size else 0,
             grid=None if grid is None else grid.on(device),
         )
 

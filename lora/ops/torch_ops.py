@@ -1,8 +1,9 @@
 """Plain-torch multi-LoRA ops: the reference path, and the fast path on CPU.
 
-When the step's slots hold similar numbers of tokens (a mixed decode batch) the LoRA tokens
-are gathered into the metadata's zero-padded per-slot grid and each weight is one batched
-matmul (`torch.bmm`) over all slots. Otherwise (prefill segments of different lengths) they
+A decode-like step (at most a few tokens per slot), float32 on a CPU with the C++ kernel
+built, goes to `cpu_ops` (one fused pass per slot). Otherwise, when the slots hold similar
+numbers of tokens, the LoRA tokens are gathered into the metadata's zero-padded per-slot grid
+and each weight is one batched matmul (`torch.bmm`) over all slots. Otherwise (prefill segments of different lengths) they
 are gathered in slot order and each weight is one grouped matmul (`torch._grouped_mm`, a loop
 over groups in C++) on CPU when the shapes meet its 16-byte alignment rule, else a Python loop
 over the active slots. Either way the Python work per layer is bounded by `max_loras`, never
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lora.ops import cpu_ops
 from lora.ops.metadata import LoRAStepMetadata, SlotGrid
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -45,6 +47,9 @@ def add_lora(
     """Shrink then expand without a [T, rank] buffer. A packed layer's A matrices come stacked
     ([slots, P*rank, in]), so its slices share one gather of x and one shrink."""
     rank = lora_b[0].shape[2]
+    if cpu_ops.applies(out, x, stacked_a, lora_b, meta):
+        cpu_ops.add_lora_by_slot(out, x, stacked_a, lora_b, offsets, meta)
+        return
     if meta.grid is not None:
         _add_lora_on_grid(out, x, stacked_a, lora_b, meta.grid, offsets, rank)
         return

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.ops import LoRAStepMetadata, add_lora, lora_expand, lora_shrink
+from lora.ops import LoRAStepMetadata, add_lora, cpu_ops, lora_expand, lora_shrink
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_SLOTS = 4
@@ -154,9 +154,13 @@ def test_torch_path_matches_per_token_oracle(
     assert_close(out[:, 3:-4], base[:, 3:-4].float() + expected, dtype)
     assert torch.equal(out[:, :3], base[:, :3]) and torch.equal(out[:, -4:], base[:, -4:])
 
-    for layout in (meta, dataclasses.replace(meta, grid=None)):  # batched over a grid; grouped by slot
+    # The C++ kernel (fp32, where built), batched matmuls over the grid, grouped matmuls by slot.
+    for layout, kernel in ((meta, True), (meta, False), (dataclasses.replace(meta, grid=None), False)):
         fused = base.clone()
-        add_lora(fused, x, lora_a, lora_b, layout, offset=3)
+        with pytest.MonkeyPatch.context() as patch:
+            if not kernel:
+                patch.setattr(cpu_ops, "applies", lambda *args: False)
+            add_lora(fused, x, lora_a, lora_b, layout, offset=3)
         assert_close(fused, out, dtype)
 
 
@@ -178,6 +182,23 @@ def test_packed_layer_slices_land_in_their_own_columns() -> None:
     assert_close(apart[:, 40:], q_delta, torch.float32)
     assert_close(apart[:, :16], v_delta, torch.float32)
     assert not apart[:, 16:40].any()
+
+
+@pytest.mark.skipif(cpu_ops.EXTENSION.module() is None, reason="no C++ compiler for the CPU kernel")
+def test_cpu_kernel_serves_float32_decode_batches_and_packed_slices() -> None:
+    slots = SLOT_PATTERNS["decode"]
+    x, a_q, b_q = make_weights(len(slots), 64, 32, 8, torch.float32, seed=1)
+    _, a_v, b_v = make_weights(len(slots), 64, 16, 8, torch.float32, seed=2)
+    stacked_a = torch.cat([a_q, a_v], dim=1)
+    meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
+    assert cpu_ops.applies(torch.zeros(len(slots), 50), x, stacked_a, [b_q, b_v], meta)
+    assert not cpu_ops.applies(torch.zeros(len(slots), 50), x.half(), stacked_a, [b_q, b_v], meta)
+    long_prefill = LoRAStepMetadata.build([0] * (cpu_ops.MAX_SLOT_ROWS + 1), NUM_SLOTS)
+    assert not cpu_ops.applies(torch.zeros(len(slots), 50), x, stacked_a, [b_q, b_v], long_prefill)
+    out = torch.zeros(len(slots), 50)
+    add_lora(out, x, stacked_a, [b_q, b_v], meta, offset=2)
+    expected = torch.cat([torch.zeros(len(slots), 2), oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)], 1)
+    assert_close(out, expected, torch.float32)
 
 
 def test_base_tokens_stay_untouched_even_with_garbage_buffers() -> None:

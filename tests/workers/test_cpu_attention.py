@@ -12,6 +12,8 @@ import torch
 
 from workers import cpu_attention
 from workers.attention import Attention, AttentionMetadata
+from workers.cpu_attention import EXTENSION
+from workers.cpu_extension import DISABLE_ENV, CpuExtension
 
 pytestmark = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C++ compiler for the CPU kernel")
 
@@ -83,9 +85,9 @@ def test_scores_of_very_different_size_stay_finite() -> None:
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cpu_attention, "_module", None)
-    monkeypatch.setattr(cpu_attention, "_unavailable", False)
-    monkeypatch.setenv(cpu_attention.DISABLE_ENV, "0")
+    fresh = CpuExtension(EXTENSION.name, EXTENSION.source, EXTENSION.functions)
+    monkeypatch.setattr(cpu_attention, "EXTENSION", fresh)
+    monkeypatch.setenv(DISABLE_ENV, "0")
     assert cpu_attention.kernel() is None
     with pytest.raises(RuntimeError, match="not available"):
         cpu_attention.paged_decode_attention(*[torch.zeros(1)] * 5, block_size=1, scale=1.0)
