@@ -164,7 +164,7 @@ class EngineCore:
         return max(1, min(self.limits.num_scheduler_steps, room, wanted))
 
     def build_step(self, batch: ScheduledBatch) -> StepInput:
-        lora_loads = self._order_by_slot(batch) if self.slots is not None else []
+        lora_loads, lora_slots = self._order_by_slot(batch) if self.slots is not None else ([], None)
         seqs = batch.seqs
         block_size = self.limits.block_size
         if batch.is_prefill:
@@ -188,20 +188,21 @@ class EngineCore:
             sampling=self._sampling_batch(seqs), num_steps=batch.num_steps,
         )
         if self.slots is not None:
-            step.lora_loads = lora_loads
-            step.lora_slots = np.array([self.slots.slot(seq.lora_id) for seq in seqs], dtype=np.int64)
+            step.lora_loads, step.lora_slots = lora_loads, lora_slots
             step.rope_tables = np.array([seq.rope_table for seq in seqs], dtype=np.int64)
         return step
 
-    def _order_by_slot(self, batch: ScheduledBatch) -> list[SlotLoad]:
+    def _order_by_slot(self, batch: ScheduledBatch) -> tuple[list[SlotLoad], np.ndarray]:
         """Give the batch's adapters slots (loads for the new ones), then order the batch by slot,
         so each adapter's tokens form one run and the LoRA ops need no gather or scatter for a
-        prefill (the rows are one range). Returns the loads."""
+        prefill (the rows are one range). Returns the loads and each sequence's slot, in order."""
         assert self.slots is not None
         batch_loras = {seq.lora_id: seq.lora for seq in batch.seqs if seq.lora is not None}
         loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
-        batch.seqs.sort(key=lambda seq: self.slots.slot(seq.lora_id))
-        return loads
+        slots = np.array([self.slots.slot(seq.lora_id) for seq in batch.seqs], dtype=np.int64)
+        order = np.argsort(slots, kind="stable")
+        batch.seqs[:] = [batch.seqs[index] for index in order]
+        return loads, slots[order]
 
     @staticmethod
     def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -180,20 +180,31 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class ChoiceBase(BaseModel):
+    """What every kind of choice carries: its index, why it stopped, and (vLLM's
+    `return_token_ids` extension) the token ids."""
+
     index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = Extension
     prompt_token_ids: list[int] | None = Extension
 
 
-class CompletionResponse(BaseModel):
+class ResponseHead(BaseModel):
+    """The head every response and chunk shares."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionChoice(ChoiceBase):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(ResponseHead):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -217,20 +228,13 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(ChoiceBase):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    token_ids: list[int] | None = Extension
-    prompt_token_ids: list[int] | None = Extension
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
 
@@ -240,20 +244,13 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatStreamChoice(BaseModel):
-    index: int
+class ChatStreamChoice(ChoiceBase):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    token_ids: list[int] | None = Extension
-    prompt_token_ids: list[int] | None = Extension
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(ResponseHead):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = Extension
 

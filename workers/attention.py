@@ -11,6 +11,7 @@ per step (`AttentionMetadata.build`) and shared by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +21,25 @@ from workers import cpu_attention
 
 
 @dataclass
+class PaddedQueries:
+    """The step as a padded [B, Q] batch of queries, which only the torch path attends over."""
+
+    query_index: torch.Tensor  # [B, Q] flat token index of each sequence's queries (padded)
+    query_valid: torch.Tensor  # [B, Q] False on padding
+    attn_mask: torch.Tensor  # [B, 1, Q, L] True where the query may attend the key
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step index tensors, identical for every layer of the model."""
 
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     gather_blocks: torch.Tensor  # [B, M] cache blocks holding each sequence's positions 0..M*block_size-1
-    query_index: torch.Tensor  # [B, Q] flat token index of each sequence's queries (padded)
-    query_valid: torch.Tensor  # [B, Q] False on padding
-    attn_mask: torch.Tensor  # [B, 1, Q, L] True where the query may attend the key
-    is_prefill: bool
     context_lens: torch.Tensor  # [B] int64 tokens each sequence attends to
+    positions: torch.Tensor  # [T]
+    query_lens: torch.Tensor  # [B]
+    block_size: int
+    is_prefill: bool
 
     @staticmethod
     def build(
@@ -42,21 +52,25 @@ class AttentionMetadata:
         is_prefill: bool,
     ) -> AttentionMetadata:
         """From flat positions [T], per-sequence query/context lengths [B] and block tables [B, M]."""
-        device = positions.device
-        max_query = int(query_lens.max())
         num_blocks = -(-int(context_lens.max()) // block_size)
-        gather_blocks = block_tables[:, :num_blocks]
-        key_len = max_query if is_prefill else num_blocks * block_size
-        query_starts = torch.cumsum(query_lens, 0) - query_lens
+        return AttentionMetadata(
+            slot_mapping, block_tables[:, :num_blocks], context_lens, positions, query_lens, block_size, is_prefill
+        )
+
+    @cached_property
+    def padded(self) -> PaddedQueries:
+        """Built on first use, once per step: a CPU decode served by the paged kernel never needs it."""
+        device = self.positions.device
+        max_query = int(self.query_lens.max())
+        key_len = max_query if self.is_prefill else self.gather_blocks.shape[1] * self.block_size
+        query_starts = torch.cumsum(self.query_lens, 0) - self.query_lens
         steps = torch.arange(max_query, device=device)
-        query_valid = steps[None, :] < query_lens[:, None]
+        query_valid = steps[None, :] < self.query_lens[:, None]
         query_index = torch.where(query_valid, query_starts[:, None] + steps[None, :], 0)
-        query_pos = torch.where(query_valid, positions[query_index], 0)
+        query_pos = torch.where(query_valid, self.positions[query_index], 0)
         key_pos = torch.arange(key_len, device=device)
         attn_mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
-        return AttentionMetadata(
-            slot_mapping, gather_blocks, query_index, query_valid, attn_mask, is_prefill, context_lens
-        )
+        return PaddedQueries(query_index, query_valid, attn_mask)
 
 
 class Attention(nn.Module):
@@ -89,17 +103,18 @@ class Attention(nn.Module):
                 meta.gather_blocks, meta.context_lens, self.block_size, self.scale,
             )
             return out.view(tokens, self.num_heads * self.head_dim)
+        padded = meta.padded
         if meta.is_prefill:  # every key of the sequence is new in this step
-            keys, values = k[meta.query_index], v[meta.query_index]  # [B, Q, Hkv, D]
+            keys, values = k[padded.query_index], v[padded.query_index]  # [B, Q, Hkv, D]
         else:
             keys, values = self._gather(self.k_cache, meta), self._gather(self.v_cache, meta)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
-        queries = q.view(tokens, self.num_heads, self.head_dim)[meta.query_index].transpose(1, 2)
+        queries = q.view(tokens, self.num_heads, self.head_dim)[padded.query_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.attn_mask, scale=self.scale,
+            queries, keys, values, attn_mask=padded.attn_mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, Q, D]
-        return out.transpose(1, 2)[meta.query_valid].reshape(tokens, self.num_heads * self.head_dim)
+        return out.transpose(1, 2)[padded.query_valid].reshape(tokens, self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """[B, M*block_size, Hkv, D]: each sequence's blocks, copied whole."""

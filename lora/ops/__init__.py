@@ -82,13 +82,16 @@ def add_lora(
     tensor (then one shrink serves every slice on the torch path).
     """
     b_list = _as_list(lora_b)
-    a_list = _split_stacked(lora_a, b_list)
-    if len(a_list) != len(b_list):
-        raise ValueError(f"{len(a_list)} A matrices for {len(b_list)} B matrices")
     offsets = _slice_offsets(b_list, offset)
-    for a, b, col in zip(a_list, b_list, offsets):
-        _check_shrink(x, a, meta)
-        _check_expand(a.shape[1], b, meta, out, col)
+    if isinstance(lora_a, torch.Tensor):
+        _check_stacked(x, lora_a, b_list, meta)
+    elif len(lora_a) != len(b_list):
+        raise ValueError(f"{len(lora_a)} A matrices for {len(b_list)} B matrices")
+    else:
+        for a in lora_a:
+            _check_shrink(x, a, meta)
+    for a_rows, b, col in zip(_ranks(lora_a, b_list), b_list, offsets):
+        _check_expand(a_rows, b, meta, out, col)
     if not meta.has_lora:
         return
     backend = _backend(x)
@@ -96,19 +99,35 @@ def add_lora(
         if isinstance(lora_a, torch.Tensor):
             torch_ops.add_lora(out, x, lora_a, b_list, meta, offsets)
         else:  # separate A matrices, possibly of different ranks: one pair at a time
-            for a, b, col in zip(a_list, b_list, offsets):
+            for a, b, col in zip(lora_a, b_list, offsets):
                 torch_ops.add_lora(out, x, a, [b], meta, [col])
         return
-    lora_expand(lora_shrink(x, a_list, meta), b_list, meta, out, offsets)
+    lora_expand(lora_shrink(x, _split_stacked(lora_a, b_list), meta), b_list, meta, out, offsets)
+
+
+def _check_stacked(x: torch.Tensor, stacked_a: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAStepMetadata) -> None:
+    """A stacked A holds one slice of `rank` rows per B matrix, all of one rank."""
+    _check_shrink(x, stacked_a, meta)
+    if stacked_a.shape[1] != _stacked_rank(stacked_a, lora_b) * len(lora_b):
+        raise ValueError(f"lora_a {tuple(stacked_a.shape)} does not stack {len(lora_b)} slices of one rank")
+
+
+def _stacked_rank(stacked_a: torch.Tensor, lora_b: list[torch.Tensor]) -> int:
+    return stacked_a.shape[1] // max(1, len(lora_b))
+
+
+def _ranks(lora_a: Tensors, lora_b: list[torch.Tensor]) -> list[int]:
+    """The rank of each slice's A: its own rows, or its share of a stacked A."""
+    if isinstance(lora_a, torch.Tensor):
+        return [_stacked_rank(lora_a, lora_b)] * len(lora_b)
+    return [a.shape[1] for a in lora_a]
 
 
 def _split_stacked(lora_a: Tensors, lora_b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One view per slice of a stacked A (each slice's rank is its B's); a list as it is."""
+    """One view per slice of a stacked A; a list as it is."""
     if not isinstance(lora_a, torch.Tensor):
         return list(lora_a)
-    rank = lora_b[0].shape[2] if lora_b and lora_b[0].dim() == 3 else lora_a.shape[1]
-    if lora_a.dim() != 3 or lora_a.shape[1] != rank * len(lora_b):
-        raise ValueError(f"lora_a {tuple(lora_a.shape)} does not stack {len(lora_b)} slices of rank {rank}")
+    rank = _stacked_rank(lora_a, lora_b)
     return [lora_a[:, index * rank : (index + 1) * rank] for index in range(len(lora_b))]
 
 

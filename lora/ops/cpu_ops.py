@@ -25,14 +25,14 @@ _SOURCE = r"""
 
 void add_lora_by_slot(
     torch::Tensor out, torch::Tensor x, torch::Tensor stacked_a, std::vector<torch::Tensor> lora_b,
-    std::vector<int64_t> offsets, torch::Tensor rows_by_slot, torch::Tensor slot_offsets) {
+    std::vector<int64_t> offsets, torch::Tensor rows_by_slot, torch::Tensor slot_ends) {
   const int64_t in_features = x.size(1), total_rank = stacked_a.size(1), num_slots = stacked_a.size(0);
   const int64_t x_stride = x.stride(0), out_stride = out.stride(0);
   const float* x_data = x.data_ptr<float>();
   const float* a_data = stacked_a.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   const int64_t* tokens = rows_by_slot.data_ptr<int64_t>();
-  const int64_t* starts = slot_offsets.data_ptr<int64_t>();
+  const int32_t* ends = slot_ends.data_ptr<int32_t>();
   std::vector<const float*> b_data;
   std::vector<int64_t> b_rows, b_rank;
   for (const auto& b : lora_b) {
@@ -43,7 +43,7 @@ void add_lora_by_slot(
   at::parallel_for(0, num_slots, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> shrunk;
     for (int64_t slot = begin; slot < end; ++slot) {
-      const int64_t first = starts[slot], count = starts[slot + 1] - first;
+      const int64_t first = slot == 0 ? 0 : ends[slot - 1], count = ends[slot] - first;
       if (count == 0) continue;
       shrunk.assign(count * total_rank, 0.0f);
       const float* a_slot = a_data + slot * total_rank * in_features;
@@ -95,7 +95,6 @@ def applies(
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and x.stride(1) == 1 and out.stride(1) == 1
         and stacked_a.is_contiguous() and all(b.is_contiguous() for b in lora_b)
-        and sum(b.shape[2] for b in lora_b) == stacked_a.shape[1]
         and EXTENSION.module() is not None
     )
 
@@ -111,4 +110,4 @@ def add_lora_by_slot(
     """out[t, offset_i:...] += x[t] @ A[slot]ᵀ (slice i) @ B_i[slot]ᵀ for every LoRA token, in place."""
     module = EXTENSION.module()
     assert module is not None
-    module.add_lora_by_slot(out, x, stacked_a, list(lora_b), list(offsets), meta.rows_by_slot, meta.slot_offsets)
+    module.add_lora_by_slot(out, x, stacked_a, list(lora_b), list(offsets), meta.rows_by_slot, meta.slot_ends)

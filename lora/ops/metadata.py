@@ -41,11 +41,10 @@ class LoRAStepMetadata:
     tile_starts: torch.Tensor  # [N] int32, segments cut into <= SGMV_TILE_TOKENS tokens
     tile_lens: torch.Tensor  # [N] int32
     tile_slots: torch.Tensor  # [N] int32
-    lora_rows: slice | torch.Tensor  # LoRA tokens ordered by slot (stable); a slice when that is a range
+    lora_rows: slice | torch.Tensor  # `rows_by_slot`, or a slice when that is a range
     slot_ends: torch.Tensor  # [num_slots] int32, where each slot's rows end within `lora_rows`
     slot_ranges: tuple[tuple[int, int, int], ...]  # (slot, start, end) within `lora_rows`, active slots
-    rows_by_slot: torch.Tensor  # [num_lora_tokens] int64, the LoRA tokens in slot order (as `lora_rows`)
-    slot_offsets: torch.Tensor  # [num_slots + 1] int64, where each slot's tokens start in `rows_by_slot`
+    rows_by_slot: torch.Tensor  # [num_lora_tokens] int64, the LoRA tokens in slot order (stable)
     max_slot_rows: int  # the most tokens any one slot has this step
     grid: SlotGrid | None = None  # the LoRA rows as a padded per-slot grid, when it is compact enough
 
@@ -87,7 +86,6 @@ class LoRAStepMetadata:
         ordered, counts = _rows_by_slot(slots, num_slots)
         ends = np.cumsum(counts)
         grid = SlotGrid.build(ordered, slots[ordered], counts, slots.size)
-        lora_rows = _as_slice_if_range(ordered)
         slot_ranges = tuple(
             (slot, end - count, end) for slot, (count, end) in enumerate(zip(counts.tolist(), ends.tolist())) if count
         )
@@ -95,6 +93,7 @@ class LoRAStepMetadata:
         def on_device(array: np.ndarray, dtype: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.from_numpy(array).to(device, dtype)
 
+        rows_by_slot = on_device(ordered, torch.int64)
         return cls(
             num_tokens=int(slots.size),
             num_lora_tokens=int(ordered.size),
@@ -105,11 +104,10 @@ class LoRAStepMetadata:
             tile_starts=on_device(tile_starts),
             tile_lens=on_device(tile_lens),
             tile_slots=on_device(tile_slots),
-            lora_rows=lora_rows if isinstance(lora_rows, slice) else on_device(lora_rows, torch.int64),
+            lora_rows=_as_slice_if_range(ordered) or rows_by_slot,
             slot_ends=on_device(ends),
             slot_ranges=slot_ranges,
-            rows_by_slot=on_device(ordered, torch.int64),
-            slot_offsets=on_device(np.concatenate([[0], ends]), torch.int64),
+            rows_by_slot=rows_by_slot,
             max_slot_rows=int(counts.max()) if counts.size else 0,
             grid=None if grid is None else grid.on(device),
         )
@@ -200,10 +198,10 @@ def _rows_by_slot(slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.nda
     return ordered, np.bincount(lora_slots, minlength=num_slots)
 
 
-def _as_slice_if_range(ordered: np.ndarray) -> slice | np.ndarray:
-    """A run of consecutive rows (one adapter, or prefill segments in slot order) becomes a
-    slice, so the torch path skips its gather and scatter."""
+def _as_slice_if_range(ordered: np.ndarray) -> slice | None:
+    """A run of consecutive rows (one adapter, or prefill segments in slot order) as a slice, so
+    the torch path skips its gather and scatter; None when the rows are no single range."""
     n = ordered.size
     if n and int(ordered[-1]) - int(ordered[0]) == n - 1 and bool((ordered[1:] > ordered[:-1]).all()):
         return slice(int(ordered[0]), int(ordered[0]) + n)
-    return ordered
+    return None
