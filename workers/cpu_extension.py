@@ -56,8 +56,13 @@ class CpuExtension:
             return None
 
 
+def cpu_kernels_enabled() -> bool:
+    """False where the operator set `RAYLORA_CPU_KERNELS=0`: every CPU fast path then steps aside."""
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
 def _compiler_allowed() -> bool:
-    return os.environ.get(DISABLE_ENV, "1") != "0" and shutil.which(os.environ.get("CXX", "c++")) is not None
+    return cpu_kernels_enabled() and shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 @cache

@@ -14,6 +14,9 @@ from workers import cpu_attention
 from workers.attention import Attention, AttentionMetadata
 from workers.device import resolve_device, resolve_dtype
 from workers.distributed import tp_rank
+from workers.layers.embedding import ParallelLMHead
+from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
+from workers.layers.prepacked import prepack_linears
 from workers.models.config import ModelConfig, load_model_config
 from workers.models.registry import get_model_class
 from workers.sampler import sample
@@ -47,6 +50,7 @@ class ModelRunner:
         self.model.eval()
         # Wrapping renames parameters, so it comes after the weights are in.
         self.lora = LoRAManager(self.model, config, self.model_config, self.device, self.dtype) if config.enable_lora else None
+        prepack_linears(self.model, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = 0
 

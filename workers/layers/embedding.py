@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import all_gather, all_reduce, tp_rank, tp_world_size
+from workers.layers.prepacked import linear
 from workers.weight_loader import ShardId, WeightSource, copy_checked, read_slice
 
 
@@ -52,5 +53,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, embedding_dim] -> logits [N, num_embeddings], identical on every rank."""
-        logits = all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = all_gather(linear(hidden, self.weight), dim=-1)
         return logits[:, : self.num_embeddings]

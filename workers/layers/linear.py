@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.distributed import all_reduce, divide, tp_rank, tp_world_size
+from workers.layers.prepacked import linear
 from workers.weight_loader import ShardId, WeightSource, copy_checked, read_all, read_slice
 
 
@@ -71,7 +71,7 @@ class ColumnParallelLinear(nn.Module):
         copy_checked(param.data.narrow(0, shard.offset, shard.size), rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -142,7 +142,7 @@ class RowParallelLinear(nn.Module):
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum, before the all-reduce and without bias."""
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def reduce_output(self, partial: torch.Tensor) -> torch.Tensor:
         out = all_reduce(partial)
