@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lora.adapter import LoRAAdapter, LoRAModuleWeights
-from lora.ops import LoRAStepMetadata, add_lora, lora_expand, lora_shrink
+from lora.ops import LoRAStepMetadata, add_lora, lora_expand, lora_shrink, slot_weights
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 
@@ -56,6 +56,24 @@ def fill_slot(slot_buffer: torch.Tensor, weights: torch.Tensor | None) -> None:
         slot_buffer[tuple(slice(0, size) for size in weights.shape)].copy_(weights, non_blocking=True)
 
 
+class FilledSlots:
+    """Which slots hold a non-zero delta for one wrapped layer. An adapter that leaves a module
+    out (q/v-only adapters leave most out) zero-fills its buffers there, and a step whose
+    adapters all leave the module out skips its LoRA ops instead of multiplying by zeros."""
+
+    def __init__(self) -> None:
+        self._slots: set[int] = set()
+
+    def update(self, slot: int, filled: bool) -> None:
+        if filled:
+            self._slots.add(slot)
+        else:
+            self._slots.discard(slot)
+
+    def any_in(self, meta: LoRAStepMetadata | None) -> bool:
+        return meta is not None and not self._slots.isdisjoint(meta.active_slots)
+
+
 class LinearWithLoRA(nn.Module):
     """Shared slot handling of the linear wrappers: one A/B buffer pair per projection.
 
@@ -72,11 +90,10 @@ class LinearWithLoRA(nn.Module):
         # The model reads these off its layers (e.g. to split a packed output).
         self.input_size, self.output_size, self.output_sizes = base.input_size, base.output_size, base.output_sizes
         a_rows = spec.max_rank if a_rows is None else a_rows
-        self.stacked_a = torch.zeros(spec.num_slots, len(projections) * a_rows, in_features, dtype=spec.dtype,
-                                     device=spec.device)
+        self.stacked_a = slot_weights(spec.num_slots, len(projections) * a_rows, in_features, spec.dtype, spec.device)
         self.lora_a = [self.stacked_a[:, i * a_rows : (i + 1) * a_rows] for i in range(len(projections))]
-        self.lora_b = [torch.zeros(spec.num_slots, size, spec.max_rank, dtype=spec.dtype, device=spec.device)
-                       for size in out_sizes]
+        self.lora_b = [slot_weights(spec.num_slots, size, spec.max_rank, spec.dtype, spec.device) for size in out_sizes]
+        self.filled = FilledSlots()
 
     def set_slot(self, slot: int, weights: SlicedWeights) -> None:
         """Copy this rank's slices into `slot`; projections the adapter does not target become zero."""
@@ -84,10 +101,11 @@ class LinearWithLoRA(nn.Module):
             lora_a, lora_b = weights.get(name, (None, None))
             fill_slot(a_buffer[slot], lora_a)
             fill_slot(b_buffer[slot], lora_b)
+        self.filled.update(slot, any(name in weights for name in self.projections))
 
     def _add(self, out: torch.Tensor, x: torch.Tensor, offsets: list[int]) -> None:
         meta = self.context.token_meta
-        if meta is not None and meta.has_lora:
+        if self.filled.any_in(meta):
             add_lora(out, x, self.stacked_a, self.lora_b, meta, offsets)
 
 
@@ -154,6 +172,7 @@ class VocabParallelEmbeddingWithLoRA(nn.Module):
             torch.zeros(spec.num_slots, extra_vocab_size, hidden, dtype=spec.dtype, device=spec.device)
             if extra_vocab_size else None
         )
+        self.filled = FilledSlots()
 
     def slice_adapter(self, adapter: LoRAAdapter) -> SlicedWeights:
         sliced: SlicedWeights = {}
@@ -169,6 +188,7 @@ class VocabParallelEmbeddingWithLoRA(nn.Module):
         table, lora_b = weights.get("lora", (None, None))
         fill_slot(self.lora_a[slot], table)
         fill_slot(self.lora_b[slot], lora_b)
+        self.filled.update(slot, table is not None)
         if self.extra_rows is not None:
             fill_slot(self.extra_rows[slot], weights.get("extra", (None,))[0])
 
@@ -184,7 +204,7 @@ class VocabParallelEmbeddingWithLoRA(nn.Module):
             if extra_index.numel():
                 rows = self.extra_rows[meta.token_slots[extra_index], input_ids[extra_index] - self.vocab_size]
                 out.index_copy_(0, extra_index, rows.to(out.dtype))
-        if meta is not None and meta.has_lora:
+        if self.filled.any_in(meta):
             lookup_ids = input_ids.clamp(max=self.vocab_size - 1)
             buffer = self.lora_a[meta.token_slots.clamp(min=0), lookup_ids].float()
             if is_extra is not None:
@@ -205,11 +225,12 @@ class ParallelLMHeadWithLoRA(nn.Module):
         self.base_layer = base
         self.context = context
         hidden, vocab = base.embedding_dim, base.num_embeddings
-        self.lora_a = torch.zeros(spec.num_slots, spec.max_rank, hidden, dtype=spec.dtype, device=spec.device)
-        self.lora_b = torch.zeros(spec.num_slots, vocab, spec.max_rank, dtype=spec.dtype, device=spec.device)
+        self.lora_a = slot_weights(spec.num_slots, spec.max_rank, hidden, spec.dtype, spec.device)
+        self.lora_b = slot_weights(spec.num_slots, vocab, spec.max_rank, spec.dtype, spec.device)
         self.extra_vocab_size = extra_vocab_size
         self.extra_rows = torch.zeros(spec.num_slots, extra_vocab_size, hidden, dtype=spec.dtype, device=spec.device)
         self.extra_count = torch.zeros(spec.num_slots, dtype=torch.int64, device=spec.device)
+        self.filled, self.extra_filled = FilledSlots(), FilledSlots()
 
     def slice_adapter(self, adapter: LoRAAdapter) -> SlicedWeights:
         sliced: SlicedWeights = {}
@@ -225,19 +246,21 @@ class ParallelLMHeadWithLoRA(nn.Module):
         lora_a, lora_b = weights.get("lora", (None, None))
         fill_slot(self.lora_a[slot], lora_a)
         fill_slot(self.lora_b[slot], lora_b)
+        self.filled.update(slot, lora_a is not None)
         rows = weights.get("extra", (None,))[0]
         fill_slot(self.extra_rows[slot], rows)
         self.extra_count[slot] = 0 if rows is None else rows.shape[0]
+        self.extra_filled.update(slot, rows is not None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base_layer(hidden)
         meta = self.context.row_meta
-        if meta is not None and meta.has_lora:
+        if self.filled.any_in(meta):
             add_lora(logits, hidden, [self.lora_a], [self.lora_b], meta, [0])
         if not self.extra_vocab_size:
             return logits
         extra_logits = torch.full((hidden.shape[0], self.extra_vocab_size), float("-inf"), device=logits.device)
-        if meta is not None and meta.has_lora:
+        if self.extra_filled.any_in(meta):
             slots = meta.token_slots
             scores = lora_shrink(hidden, self.extra_rows, meta)
             defined = torch.arange(self.extra_vocab_size, device=logits.device)[None, :] < self.extra_count[slots.clamp(min=0)][:, None]

@@ -23,9 +23,10 @@ from types import ModuleType
 import torch
 
 from lora.ops import torch_ops
+from lora.ops.cpu_ops import slot_weights
 from lora.ops.metadata import LoRAStepMetadata
 
-__all__ = ["LoRAStepMetadata", "add_lora", "lora_expand", "lora_shrink"]
+__all__ = ["LoRAStepMetadata", "add_lora", "lora_expand", "lora_shrink", "slot_weights"]
 
 BACKEND_ENV = "RAYLORA_LORA_OPS"
 

@@ -1,12 +1,13 @@
-"""Fused multi-LoRA delta for CPU: a small C++ kernel for mixed decode batches.
+"""Fused multi-LoRA delta for CPU: a small C++ kernel for any mixed batch, decode or prefill.
 
-The torch path runs a mixed decode batch as batched matmuls over a zero-padded per-slot grid,
-each op its own pass over memory and the padding computed too. This kernel walks the slots in
-parallel; for each slot it reads the slot's A rows once against all of that slot's tokens (the
-shrink, kept in a rank-sized scratch), then each B row, adding the expand straight into those
-tokens' output rows. A token belongs to exactly one slot, so no two threads write one row.
-Float32 only (the products are float32 on every path); built by `workers.cpu_extension`, and
-where it is not available the torch path serves.
+The kernel splits each slot's tokens into units of up to 16 and runs the units in parallel.
+For each unit it computes the shrink into a rank-sized scratch (x·Aᵀ), then the expand of each
+slice (·Bᵀ), adding straight into those tokens' output rows; a token belongs to one unit, so
+no two threads write one row. Both products are register-tiled outer-product updates along
+contiguous rows, which needs each slot's A stored input-major and B rank-major: the layer
+buffers are allocated that way on CPU (`slot_weights`) and still read as [slots, rows, cols]
+views everywhere else. Float32 only (the products are float32 on every path); built by
+`workers.cpu_extension`, and where it is not available the torch path serves.
 """
 
 from __future__ import annotations
@@ -21,80 +22,176 @@ from workers.cpu_extension import CpuExtension
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <vector>
 
+namespace {
+
+constexpr int64_t kTileTokens = 4;   // token rows one register tile covers
+constexpr int64_t kLaneBlock = 16;   // floats in one vector register (AVX-512)
+constexpr int64_t kMaxBlocks = 4;    // vector registers per token row in one tile
+constexpr int64_t kUnitTokens = 16;  // tokens per work unit: its shrunk rows stay in L1
+
+// c[t][0:W] += sum_k l[t][k] * r[k * r_stride + 0:W] for T token rows, W = BLOCKS * 16 columns,
+// with the T x W accumulator held in registers across the whole depth.
+template <int T, int BLOCKS>
+inline void tile(float* const* c, const float* const* l, const float* r, int64_t r_stride, int64_t depth) {
+  constexpr int W = BLOCKS * kLaneBlock;
+  float acc[T][W];
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < W; ++j) acc[t][j] = c[t][j];
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* row = r + k * r_stride;
+    for (int t = 0; t < T; ++t) {
+      const float lv = l[t][k];
+      for (int j = 0; j < W; ++j) acc[t][j] += lv * row[j];
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < W; ++j) c[t][j] = acc[t][j];
+}
+
+// The same product for a ragged corner: any T <= kTileTokens and W < 16.
+inline void tile_tail(float* const* c, const float* const* l, const float* r, int64_t r_stride, int64_t depth,
+                      int64_t tokens, int64_t width) {
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t k = 0; k < depth; ++k) {
+      const float lv = l[t][k];
+      const float* row = r + k * r_stride;
+      for (int64_t j = 0; j < width; ++j) c[t][j] += lv * row[j];
+    }
+}
+
+template <int T>
+inline void tile_blocks(float* const* c, const float* const* l, const float* r, int64_t r_stride, int64_t depth,
+                        int64_t blocks) {
+  switch (blocks) {
+    case 1: tile<T, 1>(c, l, r, r_stride, depth); break;
+    case 2: tile<T, 2>(c, l, r, r_stride, depth); break;
+    case 3: tile<T, 3>(c, l, r, r_stride, depth); break;
+    default: tile<T, 4>(c, l, r, r_stride, depth); break;
+  }
+}
+
+// C[t][0:width] += L[t][0:depth] . R[0:depth][0:width] for `tokens` rows, where row t of C and
+// L start at c_rows[t] and l_rows[t] (both contiguous) and R is row-major with stride r_stride.
+void accumulate(const std::vector<float*>& c_rows, const std::vector<const float*>& l_rows, const float* r,
+                int64_t r_stride, int64_t depth, int64_t width) {
+  const int64_t tokens = static_cast<int64_t>(c_rows.size());
+  float* c[kTileTokens];
+  const float* l[kTileTokens];
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTileTokens) {
+    const int64_t rows = std::min(kTileTokens, tokens - t0);
+    for (int64_t j0 = 0; j0 < width;) {
+      const int64_t blocks = std::min(kMaxBlocks, (width - j0) / kLaneBlock);
+      for (int64_t t = 0; t < rows; ++t) {
+        c[t] = c_rows[t0 + t] + j0;
+        l[t] = l_rows[t0 + t];
+      }
+      if (blocks == 0) {
+        tile_tail(c, l, r + j0, r_stride, depth, rows, width - j0);
+        break;
+      }
+      switch (rows) {
+        case 1: tile_blocks<1>(c, l, r + j0, r_stride, depth, blocks); break;
+        case 2: tile_blocks<2>(c, l, r + j0, r_stride, depth, blocks); break;
+        case 3: tile_blocks<3>(c, l, r + j0, r_stride, depth, blocks); break;
+        default: tile_blocks<4>(c, l, r + j0, r_stride, depth, blocks); break;
+      }
+      j0 += blocks * kLaneBlock;
+    }
+  }
+}
+
+struct Unit {
+  int64_t slot, first, count;  // `count` tokens from position `first` of the slot-ordered rows
+};
+
+}  // namespace
+
+// out[t, offset_i : offset_i + rows_i] += (x[t] . A[slot]) slice i . B_i[slot] for every LoRA token t.
+// a_by_input [slots, in, P*rank] is the stacked A stored input-major; b_by_rank[i] [slots, rank, rows_i]
+// is B_i stored rank-major: both products then run along contiguous rows.
 void add_lora_by_slot(
-    torch::Tensor out, torch::Tensor x, torch::Tensor stacked_a, std::vector<torch::Tensor> lora_b,
+    torch::Tensor out, torch::Tensor x, torch::Tensor a_by_input, std::vector<torch::Tensor> b_by_rank,
     std::vector<int64_t> offsets, torch::Tensor rows_by_slot, torch::Tensor slot_ends) {
-  const int64_t in_features = x.size(1), total_rank = stacked_a.size(1), num_slots = stacked_a.size(0);
+  const int64_t num_slots = a_by_input.size(0), in_features = a_by_input.size(1), total_rank = a_by_input.size(2);
   const int64_t x_stride = x.stride(0), out_stride = out.stride(0);
   const float* x_data = x.data_ptr<float>();
-  const float* a_data = stacked_a.data_ptr<float>();
+  const float* a_data = a_by_input.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   const int64_t* tokens = rows_by_slot.data_ptr<int64_t>();
   const int32_t* ends = slot_ends.data_ptr<int32_t>();
   std::vector<const float*> b_data;
-  std::vector<int64_t> b_rows, b_rank;
-  for (const auto& b : lora_b) {
+  std::vector<int64_t> b_rank, b_rows;
+  for (const auto& b : b_by_rank) {
     b_data.push_back(b.data_ptr<float>());
-    b_rows.push_back(b.size(1));
-    b_rank.push_back(b.size(2));
+    b_rank.push_back(b.size(1));
+    b_rows.push_back(b.size(2));
   }
-  at::parallel_for(0, num_slots, 1, [&](int64_t begin, int64_t end) {
+  std::vector<Unit> units;
+  for (int64_t slot = 0; slot < num_slots; ++slot) {
+    const int64_t first = slot == 0 ? 0 : ends[slot - 1];
+    for (int64_t start = first; start < ends[slot]; start += kUnitTokens)
+      units.push_back({slot, start, std::min(kUnitTokens, ends[slot] - start)});
+  }
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> shrunk;
-    for (int64_t slot = begin; slot < end; ++slot) {
-      const int64_t first = slot == 0 ? 0 : ends[slot - 1], count = ends[slot] - first;
-      if (count == 0) continue;
-      shrunk.assign(count * total_rank, 0.0f);
-      const float* a_slot = a_data + slot * total_rank * in_features;
-      for (int64_t j = 0; j < total_rank; ++j) {
-        const float* a_row = a_slot + j * in_features;
-        for (int64_t t = 0; t < count; ++t) {
-          const float* x_row = x_data + tokens[first + t] * x_stride;
-          float dot = 0.0f;
-          for (int64_t k = 0; k < in_features; ++k) dot += a_row[k] * x_row[k];
-          shrunk[t * total_rank + j] = dot;
-        }
+    std::vector<float*> h_rows, out_rows;
+    std::vector<const float*> x_rows, h_in;
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit& unit = units[u];
+      shrunk.assign(unit.count * total_rank, 0.0f);
+      h_rows.resize(unit.count);
+      x_rows.resize(unit.count);
+      out_rows.resize(unit.count);
+      h_in.resize(unit.count);
+      for (int64_t t = 0; t < unit.count; ++t) {
+        const int64_t token = tokens[unit.first + t];
+        h_rows[t] = shrunk.data() + t * total_rank;
+        x_rows[t] = x_data + token * x_stride;
       }
+      accumulate(h_rows, x_rows, a_data + unit.slot * in_features * total_rank, total_rank, in_features, total_rank);
       int64_t rank_offset = 0;
       for (size_t i = 0; i < b_data.size(); ++i) {
-        const int64_t rows = b_rows[i], rank = b_rank[i];
-        const float* b_slot = b_data[i] + slot * rows * rank;
-        for (int64_t t = 0; t < count; ++t) {
-          const float* h = shrunk.data() + t * total_rank + rank_offset;
-          float* out_row = out_data + tokens[first + t] * out_stride + offsets[i];
-          for (int64_t o = 0; o < rows; ++o) {
-            const float* b_row = b_slot + o * rank;
-            float dot = 0.0f;
-            for (int64_t r = 0; r < rank; ++r) dot += b_row[r] * h[r];
-            out_row[o] += dot;
-          }
+        for (int64_t t = 0; t < unit.count; ++t) {
+          out_rows[t] = out_data + tokens[unit.first + t] * out_stride + offsets[i];
+          h_in[t] = h_rows[t] + rank_offset;
         }
-        rank_offset += rank;
+        accumulate(out_rows, h_in, b_data[i] + unit.slot * b_rank[i] * b_rows[i], b_rows[i], b_rank[i], b_rows[i]);
+        rank_offset += b_rank[i];
       }
     }
   });
 }
 """
 
-# Up to this many tokens per slot the kernel's plain loops beat MKL's grouped matmuls (measured:
-# 4.7x at 4 tokens a slot, even at 32, 2x slower at 128); longer runs (prefill) go to torch.
-MAX_SLOT_ROWS = 16
-
 EXTENSION = CpuExtension("raylora_lora_by_slot", _SOURCE, ["add_lora_by_slot"])
+
+
+def slot_weights(num_slots: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed per-slot weights [num_slots, rows, cols]. On CPU each slot is stored transposed
+    (a [num_slots, cols, rows] buffer seen through a transposed view), the layout the kernel
+    reads; elsewhere row-major, as the Triton kernels read best."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(num_slots, rows, cols, dtype=dtype, device=device)
+    return torch.zeros(num_slots, cols, rows, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _stored_transposed(weights: torch.Tensor) -> bool:
+    return weights.transpose(1, 2).is_contiguous()
 
 
 def applies(
     out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], meta: LoRAStepMetadata
 ) -> bool:
-    """A decode-like step (few tokens per slot), float32 CPU tensors in the layouts the kernel
-    indexes (rows of x and out contiguous, weights whole), and the kernel built."""
+    """Float32 CPU tensors, rows of x and out contiguous, the weights in `slot_weights`' CPU
+    layout, and the kernel built."""
     tensors = [out, x, stacked_a, *lora_b]
     return (
-        meta.max_slot_rows <= MAX_SLOT_ROWS
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and x.stride(1) == 1 and out.stride(1) == 1
-        and stacked_a.is_contiguous() and all(b.is_contiguous() for b in lora_b)
+        and _stored_transposed(stacked_a) and all(_stored_transposed(b) for b in lora_b)
         and EXTENSION.module() is not None
     )
 
@@ -110,4 +207,7 @@ def add_lora_by_slot(
     """out[t, offset_i:...] += x[t] @ A[slot]ᵀ (slice i) @ B_i[slot]ᵀ for every LoRA token, in place."""
     module = EXTENSION.module()
     assert module is not None
-    module.add_lora_by_slot(out, x, stacked_a, list(lora_b), list(offsets), meta.rows_by_slot, meta.slot_ends)
+    module.add_lora_by_slot(
+        out, x, stacked_a.transpose(1, 2), [b.transpose(1, 2) for b in lora_b], list(offsets),
+        meta.rows_by_slot, meta.slot_ends,
+    )

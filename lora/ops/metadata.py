@@ -45,7 +45,7 @@ class LoRAStepMetadata:
     slot_ends: torch.Tensor  # [num_slots] int32, where each slot's rows end within `lora_rows`
     slot_ranges: tuple[tuple[int, int, int], ...]  # (slot, start, end) within `lora_rows`, active slots
     rows_by_slot: torch.Tensor  # [num_lora_tokens] int64, the LoRA tokens in slot order (stable)
-    max_slot_rows: int  # the most tokens any one slot has this step
+    active_slots: frozenset[int]  # the slots with at least one token this step
     grid: SlotGrid | None = None  # the LoRA rows as a padded per-slot grid, when it is compact enough
 
     @property
@@ -108,7 +108,7 @@ class LoRAStepMetadata:
             slot_ends=on_device(ends),
             slot_ranges=slot_ranges,
             rows_by_slot=rows_by_slot,
-            max_slot_rows=int(counts.max()) if counts.size else 0,
+            active_slots=frozenset(slot for slot, _, _ in slot_ranges),
             grid=None if grid is None else grid.on(device),
         )
 

@@ -1,7 +1,7 @@
 """Plain-torch multi-LoRA ops: the reference path, and the fast path on CPU.
 
-A decode-like step (at most a few tokens per slot), float32 on a CPU with the C++ kernel
-built, goes to `cpu_ops` (one fused pass per slot). Otherwise, when the slots hold similar
+Float32 on a CPU with the C++ kernel built and the weights in its layout (`slot_weights`),
+a step goes to `cpu_ops` (one fused pass per unit of a slot's tokens). Otherwise, when the slots hold similar
 numbers of tokens, the LoRA tokens are gathered into the metadata's zero-padded per-slot grid
 and each weight is one batched matmul (`torch.bmm`) over all slots. Otherwise (prefill segments of different lengths) they
 are gathered in slot order and each weight is one grouped matmul (`torch._grouped_mm`, a loop

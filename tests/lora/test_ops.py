@@ -62,6 +62,12 @@ def oracle_delta(
     return delta
 
 
+def in_kernel_layout(weights: torch.Tensor) -> torch.Tensor:
+    """The same [slots, rows, cols] values, stored the way `slot_weights` stores them on CPU."""
+    stored = cpu_ops.slot_weights(weights.shape[0], weights.shape[1], weights.shape[2], weights.dtype, weights.device)
+    return stored.copy_(weights)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol * 4, rtol=tol)
@@ -154,13 +160,16 @@ def test_torch_path_matches_per_token_oracle(
     assert_close(out[:, 3:-4], base[:, 3:-4].float() + expected, dtype)
     assert torch.equal(out[:, :3], base[:, :3]) and torch.equal(out[:, -4:], base[:, -4:])
 
-    # The C++ kernel (fp32, where built), batched matmuls over the grid, grouped matmuls by slot.
-    for layout, kernel in ((meta, True), (meta, False), (dataclasses.replace(meta, grid=None), False)):
+    # The C++ kernel (fp32 in its layout, where built), batched matmuls over the grid, grouped matmuls by slot.
+    kernel_weights = (in_kernel_layout(lora_a), in_kernel_layout(lora_b))
+    for layout, weights, kernel in (
+        (meta, kernel_weights, True), (meta, (lora_a, lora_b), False), (dataclasses.replace(meta, grid=None), kernel_weights, False),
+    ):
         fused = base.clone()
         with pytest.MonkeyPatch.context() as patch:
             if not kernel:
                 patch.setattr(cpu_ops, "applies", lambda *args: False)
-            add_lora(fused, x, lora_a, lora_b, layout, offset=3)
+            add_lora(fused, x, *weights, layout, offset=3)
         assert_close(fused, out, dtype)
 
 
@@ -185,18 +194,21 @@ def test_packed_layer_slices_land_in_their_own_columns() -> None:
 
 
 @pytest.mark.skipif(cpu_ops.EXTENSION.module() is None, reason="no C++ compiler for the CPU kernel")
-def test_cpu_kernel_serves_float32_decode_batches_and_packed_slices() -> None:
-    slots = SLOT_PATTERNS["decode"]
-    x, a_q, b_q = make_weights(len(slots), 64, 32, 8, torch.float32, seed=1)
-    _, a_v, b_v = make_weights(len(slots), 64, 16, 8, torch.float32, seed=2)
-    stacked_a = torch.cat([a_q, a_v], dim=1)
+@pytest.mark.parametrize("pattern", ["decode", "prefill", "long"])
+def test_cpu_kernel_serves_float32_batches_of_any_length_and_packed_slices(pattern: str) -> None:
+    # "long": a slot with more tokens than one work unit (16) and a token count off the tile (4).
+    slots = SLOT_PATTERNS.get(pattern) or [2] * 37 + [-1] * 2 + [0] * 5 + [3]
+    # Widths off the 16-float register block and ranks below it exercise every tile shape.
+    x, a_q, b_q = make_weights(len(slots), 70, 83, 8, torch.float32, seed=1)
+    _, a_v, b_v = make_weights(len(slots), 70, 16, 8, torch.float32, seed=2)
+    stacked_a = in_kernel_layout(torch.cat([a_q, a_v], dim=1))
+    b_slices = [in_kernel_layout(b_q), in_kernel_layout(b_v)]
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
-    assert cpu_ops.applies(torch.zeros(len(slots), 50), x, stacked_a, [b_q, b_v], meta)
-    assert not cpu_ops.applies(torch.zeros(len(slots), 50), x.half(), stacked_a, [b_q, b_v], meta)
-    long_prefill = LoRAStepMetadata.build([0] * (cpu_ops.MAX_SLOT_ROWS + 1), NUM_SLOTS)
-    assert not cpu_ops.applies(torch.zeros(len(slots), 50), x, stacked_a, [b_q, b_v], long_prefill)
-    out = torch.zeros(len(slots), 50)
-    add_lora(out, x, stacked_a, [b_q, b_v], meta, offset=2)
+    out = torch.zeros(len(slots), 101)
+    assert cpu_ops.applies(out, x, stacked_a, b_slices, meta)
+    assert not cpu_ops.applies(out, x.half(), stacked_a, b_slices, meta)
+    assert not cpu_ops.applies(out, x, torch.cat([a_q, a_v], dim=1), [b_q, b_v], meta)  # row-major weights
+    add_lora(out, x, stacked_a, b_slices, meta, offset=2)
     expected = torch.cat([torch.zeros(len(slots), 2), oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)], 1)
     assert_close(out, expected, torch.float32)
 
