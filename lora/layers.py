@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from lora.adapter import LoRAAdapter, LoRAModuleWeights
-from lora.ops import LoRAStepMetadata, add_lora, lora_expand, lora_shrink, slot_weights
+from lora.ops import LoRAStepMetadata, lora_expand, lora_shrink, slot_weights
+from lora.ops.layer_weights import LayerLoRAWeights, add_layer_lora
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 
@@ -82,7 +83,7 @@ class LinearWithLoRA(nn.Module):
     """
 
     def __init__(self, base: nn.Module, projections: list[str], in_features: int, out_sizes: list[int],
-                 spec: SlotSpec, context: LoRAContext, a_rows: int | None = None) -> None:
+                 offsets: list[int], spec: SlotSpec, context: LoRAContext, a_rows: int | None = None) -> None:
         super().__init__()
         self.base_layer = base
         self.projections = projections
@@ -93,6 +94,8 @@ class LinearWithLoRA(nn.Module):
         self.stacked_a = slot_weights(spec.num_slots, len(projections) * a_rows, in_features, spec.dtype, spec.device)
         self.lora_a = [self.stacked_a[:, i * a_rows : (i + 1) * a_rows] for i in range(len(projections))]
         self.lora_b = [slot_weights(spec.num_slots, size, spec.max_rank, spec.dtype, spec.device) for size in out_sizes]
+        self.offsets = offsets
+        self.weights = LayerLoRAWeights(self.stacked_a, tuple(self.lora_b), tuple(offsets))
         self.filled = FilledSlots()
 
     def set_slot(self, slot: int, weights: SlicedWeights) -> None:
@@ -103,10 +106,10 @@ class LinearWithLoRA(nn.Module):
             fill_slot(b_buffer[slot], lora_b)
         self.filled.update(slot, any(name in weights for name in self.projections))
 
-    def _add(self, out: torch.Tensor, x: torch.Tensor, offsets: list[int]) -> None:
+    def _add(self, out: torch.Tensor, x: torch.Tensor) -> None:
         meta = self.context.token_meta
         if self.filled.any_in(meta):
-            add_lora(out, x, self.stacked_a, self.lora_b, meta, offsets)
+            add_layer_lora(out, x, self.weights, meta)
 
 
 class ColumnParallelLinearWithLoRA(LinearWithLoRA):
@@ -115,8 +118,8 @@ class ColumnParallelLinearWithLoRA(LinearWithLoRA):
     def __init__(self, base: ColumnParallelLinear, projections: list[str], spec: SlotSpec, context: LoRAContext,
                  a_rows: int | None = None) -> None:
         self.shards = list(base.shards.values())
-        super().__init__(base, projections, base.input_size, [s.size for s in self.shards], spec, context, a_rows)
-        self.offsets = [shard.offset for shard in self.shards]
+        super().__init__(base, projections, base.input_size, [s.size for s in self.shards],
+                         [s.offset for s in self.shards], spec, context, a_rows)
 
     def slice_adapter(self, modules: dict[str, LoRAModuleWeights]) -> SlicedWeights:
         sliced = {}
@@ -129,7 +132,7 @@ class ColumnParallelLinearWithLoRA(LinearWithLoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        self._add(out, x, self.offsets)
+        self._add(out, x)
         return out
 
 
@@ -137,7 +140,7 @@ class RowParallelLinearWithLoRA(LinearWithLoRA):
     def __init__(self, base: RowParallelLinear, projection: str, spec: SlotSpec, context: LoRAContext,
                  output_rows: int | None = None) -> None:
         out = base.output_size if output_rows is None else output_rows
-        super().__init__(base, [projection], base.input_size, [out], spec, context)
+        super().__init__(base, [projection], base.input_size, [out], [0], spec, context)
 
     def slice_adapter(self, modules: dict[str, LoRAModuleWeights]) -> SlicedWeights:
         name = self.projections[0]
@@ -150,7 +153,7 @@ class RowParallelLinearWithLoRA(LinearWithLoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = self.base_layer.local_forward(x)
-        self._add(partial, x, [0])
+        self._add(partial, x)
         return self.base_layer.reduce_output(partial)
 
 
@@ -227,6 +230,7 @@ class ParallelLMHeadWithLoRA(nn.Module):
         hidden, vocab = base.embedding_dim, base.num_embeddings
         self.lora_a = slot_weights(spec.num_slots, spec.max_rank, hidden, spec.dtype, spec.device)
         self.lora_b = slot_weights(spec.num_slots, vocab, spec.max_rank, spec.dtype, spec.device)
+        self.weights = LayerLoRAWeights(self.lora_a, (self.lora_b,), (0,))
         self.extra_vocab_size = extra_vocab_size
         self.extra_rows = torch.zeros(spec.num_slots, extra_vocab_size, hidden, dtype=spec.dtype, device=spec.device)
         self.extra_count = torch.zeros(spec.num_slots, dtype=torch.int64, device=spec.device)
@@ -256,7 +260,7 @@ class ParallelLMHeadWithLoRA(nn.Module):
         logits = self.base_layer(hidden)
         meta = self.context.row_meta
         if self.filled.any_in(meta):
-            add_lora(logits, hidden, [self.lora_a], [self.lora_b], meta, [0])
+            add_layer_lora(logits, hidden, self.weights, meta)
         if not self.extra_vocab_size:
             return logits
         extra_logits = torch.full((hidden.shape[0], self.extra_vocab_size), float("-inf"), device=logits.device)

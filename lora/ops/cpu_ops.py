@@ -13,6 +13,7 @@ views everywhere else. Float32 only (the products are float32 on every path); bu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -182,18 +183,47 @@ def _stored_transposed(weights: torch.Tensor) -> bool:
     return weights.transpose(1, 2).is_contiguous()
 
 
+@dataclass(frozen=True)
+class KernelViews:
+    """The kernel's operands: A [slots, in, P*rank] and each B [slots, rank, out_i], contiguous,
+    and the output column of each slice."""
+
+    a_by_input: torch.Tensor
+    b_by_rank: list[torch.Tensor]
+    offsets: list[int]
+
+
+def kernel_views(stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], offsets: Sequence[int]) -> KernelViews | None:
+    """The weights as the kernel reads them, or None where it cannot: not float32 CPU tensors,
+    not in `slot_weights`' CPU layout, or no kernel built."""
+    weights = [stacked_a, *lora_b]
+    if not all(w.device.type == "cpu" and w.dtype == torch.float32 and _stored_transposed(w) for w in weights):
+        return None
+    if EXTENSION.module() is None:
+        return None
+    return KernelViews(stacked_a.transpose(1, 2), [b.transpose(1, 2) for b in lora_b], list(offsets))
+
+
+def inputs_fit(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Float32 CPU activations whose rows are contiguous."""
+    return (
+        out.dtype == torch.float32 and x.dtype == torch.float32 and not out.is_cuda and not x.is_cuda
+        and out.stride(1) == 1 and x.stride(1) == 1
+    )
+
+
 def applies(
     out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], meta: LoRAStepMetadata
 ) -> bool:
-    """Float32 CPU tensors, rows of x and out contiguous, the weights in `slot_weights`' CPU
-    layout, and the kernel built."""
-    tensors = [out, x, stacked_a, *lora_b]
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and x.stride(1) == 1 and out.stride(1) == 1
-        and _stored_transposed(stacked_a) and all(_stored_transposed(b) for b in lora_b)
-        and EXTENSION.module() is not None
-    )
+    """The kernel serves these activations and weights."""
+    return inputs_fit(out, x) and kernel_views(stacked_a, lora_b, [0] * len(lora_b)) is not None
+
+
+def run(out: torch.Tensor, x: torch.Tensor, views: KernelViews, meta: LoRAStepMetadata) -> None:
+    """out[t, offset_i:...] += x[t] @ A[slot]ᵀ (slice i) @ B_i[slot]ᵀ for every LoRA token, in place."""
+    module = EXTENSION.module()
+    assert module is not None
+    module.add_lora_by_slot(out, x, views.a_by_input, views.b_by_rank, views.offsets, meta.rows_by_slot, meta.slot_ends)
 
 
 def add_lora_by_slot(
@@ -204,10 +234,7 @@ def add_lora_by_slot(
     offsets: Sequence[int],
     meta: LoRAStepMetadata,
 ) -> None:
-    """out[t, offset_i:...] += x[t] @ A[slot]ᵀ (slice i) @ B_i[slot]ᵀ for every LoRA token, in place."""
-    module = EXTENSION.module()
-    assert module is not None
-    module.add_lora_by_slot(
-        out, x, stacked_a.transpose(1, 2), [b.transpose(1, 2) for b in lora_b], list(offsets),
-        meta.rows_by_slot, meta.slot_ends,
-    )
+    """`run` on weights given as [slots, rows, cols] views in the kernel's layout."""
+    views = kernel_views(stacked_a, lora_b, offsets)
+    assert views is not None
+    run(out, x, views, meta)

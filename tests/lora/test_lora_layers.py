@@ -41,7 +41,7 @@ def test_a_step_whose_adapters_leave_the_module_out_skips_its_lora_ops(monkeypat
     base_out = layer.base_layer(x)
 
     context.token_meta = LoRAStepMetadata.build([1, 1, -1, 1, 2], NUM_SLOTS)
-    monkeypatch.setattr(layers, "add_lora", lambda *args: pytest.fail("LoRA ops ran for zero weights"))
+    monkeypatch.setattr(layers, "add_layer_lora", lambda *args: pytest.fail("LoRA ops ran for zero weights"))
     assert torch.equal(layer(x), base_out)
     monkeypatch.undo()
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lora.ops import LoRAStepMetadata, add_lora, cpu_ops, lora_expand, lora_shrink
+from lora.ops.layer_weights import LayerLoRAWeights, add_layer_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_SLOTS = 4
@@ -376,3 +377,32 @@ def test_triton_on_cuda_matches_torch(
         add_lora(out, x.to(device), lora_a.to(device), lora_b.to(device), meta, offset=5)
         results.append(out.cpu())
     assert_close(results[1], results[0], dtype)
+
+
+# ---------------------------------------------------------------------------- a layer's prepared weights
+
+
+def test_layer_weights_are_checked_once_and_serve_kernel_and_torch_layouts_alike() -> None:
+    slots = SLOT_PATTERNS["prefill"]
+    x, a_q, b_q = make_weights(len(slots), 40, 24, 4, torch.float32, seed=3)
+    _, a_v, b_v = make_weights(len(slots), 40, 8, 4, torch.float32, seed=4)
+    meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
+    expected = torch.zeros(len(slots), 40)
+    expected[:, 1:25], expected[:, 30:38] = oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)
+    row_major = LayerLoRAWeights(torch.cat([a_q, a_v], 1), (b_q, b_v), (1, 30))
+    kernel = LayerLoRAWeights(in_kernel_layout(torch.cat([a_q, a_v], 1)), (in_kernel_layout(b_q), in_kernel_layout(b_v)), (1, 30))
+    assert row_major.kernel_views is None
+    assert (kernel.kernel_views is not None) == (cpu_ops.EXTENSION.module() is not None)
+    for weights in (row_major, kernel):
+        out = torch.zeros(len(slots), 40)
+        add_layer_lora(out, x, weights, meta)
+        assert_close(out, expected, torch.float32)
+
+    with pytest.raises(ValueError, match="does not fit 4 slots of rank 4"):
+        LayerLoRAWeights(torch.cat([a_q, a_v], 1), (b_q, b_v[:, :, :3]), (1, 30))
+    with pytest.raises(ValueError, match="do not match"):
+        LayerLoRAWeights(torch.cat([a_q, a_v], 1), (b_q, b_v), (1,))
+    with pytest.raises(ValueError, match=r"x \(33, 39\) is not \[33, 40\]"):
+        add_layer_lora(torch.zeros(len(slots), 40), x[:, :39], row_major, meta)
+    with pytest.raises(ValueError, match="cannot take 38 columns"):
+        add_layer_lora(torch.zeros(len(slots), 37), x, row_major, meta)
