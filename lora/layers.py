@@ -95,7 +95,10 @@ class LinearWithLoRA(nn.Module):
         self.lora_a = [self.stacked_a[:, i * a_rows : (i + 1) * a_rows] for i in range(len(projections))]
         self.lora_b = [slot_weights(spec.num_slots, size, spec.max_rank, spec.dtype, spec.device) for size in out_sizes]
         self.offsets = offsets
-        self.weights = LayerLoRAWeights(self.stacked_a, tuple(self.lora_b), tuple(offsets))
+        # Fully sharded layers pair rank slices of A with full-rank B and run their own ops.
+        self.weights = (
+            LayerLoRAWeights(self.stacked_a, tuple(self.lora_b), tuple(offsets)) if a_rows == spec.max_rank else None
+        )
         self.filled = FilledSlots()
 
     def set_slot(self, slot: int, weights: SlicedWeights) -> None:
@@ -109,6 +112,7 @@ class LinearWithLoRA(nn.Module):
     def _add(self, out: torch.Tensor, x: torch.Tensor) -> None:
         meta = self.context.token_meta
         if self.filled.any_in(meta):
+            assert self.weights is not None
             add_layer_lora(out, x, self.weights, meta)
 
 
