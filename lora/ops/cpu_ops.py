@@ -117,12 +117,25 @@ void add_lora_by_slot(
     torch::Tensor out, torch::Tensor x, torch::Tensor a_by_input, std::vector<torch::Tensor> b_by_rank,
     std::vector<int64_t> offsets, torch::Tensor rows_by_slot, torch::Tensor slot_ends) {
   const int64_t num_slots = a_by_input.size(0), in_features = a_by_input.size(1), total_rank = a_by_input.size(2);
+  TORCH_CHECK(slot_ends.numel() == num_slots, "slot_ends has ", slot_ends.numel(), " entries for ", num_slots, " slots");
+  TORCH_CHECK(x.size(1) == in_features, "x has ", x.size(1), " features, A ", in_features);
+  TORCH_CHECK(b_by_rank.size() == offsets.size(), b_by_rank.size(), " B slices for ", offsets.size(), " offsets");
+  int64_t slice_ranks = 0;
+  for (size_t i = 0; i < b_by_rank.size(); ++i) {
+    TORCH_CHECK(b_by_rank[i].size(0) == num_slots && offsets[i] >= 0 && offsets[i] + b_by_rank[i].size(2) <= out.size(1),
+                "B slice ", i, " does not fit the slots or the output columns");
+    slice_ranks += b_by_rank[i].size(1);
+  }
+  TORCH_CHECK(slice_ranks == total_rank, "the B slices' ranks add up to ", slice_ranks, ", A stacks ", total_rank);
   const int64_t x_stride = x.stride(0), out_stride = out.stride(0);
   const float* x_data = x.data_ptr<float>();
   const float* a_data = a_by_input.data_ptr<float>();
   float* out_data = out.data_ptr<float>();
   const int64_t* tokens = rows_by_slot.data_ptr<int64_t>();
   const int32_t* ends = slot_ends.data_ptr<int32_t>();
+  TORCH_CHECK(rows_by_slot.numel() == (num_slots ? ends[num_slots - 1] : 0), "rows_by_slot does not hold every slot's rows");
+  for (int64_t i = 0; i < rows_by_slot.numel(); ++i)
+    TORCH_CHECK(tokens[i] >= 0 && tokens[i] < x.size(0) && tokens[i] < out.size(0), "token ", tokens[i], " is out of range");
   std::vector<const float*> b_data;
   std::vector<int64_t> b_rank, b_rows;
   for (const auto& b : b_by_rank) {
@@ -207,14 +220,12 @@ def kernel_views(stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], offset
 def inputs_fit(out: torch.Tensor, x: torch.Tensor) -> bool:
     """Float32 CPU activations whose rows are contiguous."""
     return (
-        out.dtype == torch.float32 and x.dtype == torch.float32 and not out.is_cuda and not x.is_cuda
+        out.dtype == torch.float32 and x.dtype == torch.float32 and out.is_cpu and x.is_cpu
         and out.stride(1) == 1 and x.stride(1) == 1
     )
 
 
-def applies(
-    out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], meta: LoRAStepMetadata
-) -> bool:
+def applies(out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor]) -> bool:
     """The kernel serves these activations and weights."""
     return inputs_fit(out, x) and kernel_views(stacked_a, lora_b, [0] * len(lora_b)) is not None
 

@@ -47,7 +47,7 @@ def add_lora(
     """Shrink then expand without a [T, rank] buffer. A packed layer's A matrices come stacked
     ([slots, P*rank, in]), so its slices share one gather of x and one shrink."""
     rank = lora_b[0].shape[2]
-    if cpu_ops.applies(out, x, stacked_a, lora_b, meta):
+    if cpu_ops.applies(out, x, stacked_a, lora_b):
         cpu_ops.add_lora_by_slot(out, x, stacked_a, lora_b, offsets, meta)
         return
     if meta.grid is not None:

@@ -206,12 +206,20 @@ def test_cpu_kernel_serves_float32_batches_of_any_length_and_packed_slices(patte
     b_slices = [in_kernel_layout(b_q), in_kernel_layout(b_v)]
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
     out = torch.zeros(len(slots), 101)
-    assert cpu_ops.applies(out, x, stacked_a, b_slices, meta)
-    assert not cpu_ops.applies(out, x.half(), stacked_a, b_slices, meta)
-    assert not cpu_ops.applies(out, x, torch.cat([a_q, a_v], dim=1), [b_q, b_v], meta)  # row-major weights
+    assert cpu_ops.applies(out, x, stacked_a, b_slices)
+    assert not cpu_ops.applies(out, x.half(), stacked_a, b_slices)
+    assert not cpu_ops.applies(out, x, torch.cat([a_q, a_v], dim=1), [b_q, b_v])  # row-major weights
     add_lora(out, x, stacked_a, b_slices, meta, offset=2)
     expected = torch.cat([torch.zeros(len(slots), 2), oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)], 1)
     assert_close(out, expected, torch.float32)
+
+    # The kernel checks what the Python side promises instead of reading or writing out of bounds.
+    with pytest.raises(RuntimeError, match="slot_ends has"):
+        cpu_ops.add_lora_by_slot(out, x, stacked_a, b_slices, [2, 85], dataclasses.replace(meta, slot_ends=meta.slot_ends[:-1]))
+    with pytest.raises(RuntimeError, match="does not fit the slots or the output columns"):
+        cpu_ops.add_lora_by_slot(out, x, stacked_a, b_slices, [2, 90], meta)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_ops.add_lora_by_slot(out[:3], x, stacked_a, b_slices, [2, 85], meta)
 
 
 def test_base_tokens_stay_untouched_even_with_garbage_buffers() -> None:
