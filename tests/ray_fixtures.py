@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -15,3 +16,12 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests")
     yield
     ray.shutdown()
+
+
+def wait_until_running(driver, num_seqs: int = 1, timeout_s: float = 30.0) -> None:
+    """Block until the driver's scheduler runs at least `num_seqs` sequences: requests sent next
+    then arrive while those decode, however fast the engine is."""
+    deadline = time.monotonic() + timeout_s
+    while ray.get(driver.stats.remote())["num_running"] < num_seqs:
+        assert time.monotonic() < deadline, f"{num_seqs} sequences never started running"
+        time.sleep(0.005)

@@ -12,6 +12,7 @@ from cluster.errors import EngineDeadError
 from cluster.synthetic import write_word_tokenizer
 from tests.adapters import make_peft_adapter
 from tests.checkpoints import make_random_checkpoint
+from tests.ray_fixtures import wait_until_running
 
 
 def wait_until_serving(driver, params, timeout_s: float = 90.0) -> list:
@@ -31,15 +32,16 @@ def test_killed_worker_fails_in_flight_then_engine_recovers(ray_session, tmp_pat
     write_word_tokenizer(base, 256)
     adapter = make_peft_adapter(base, tmp_path / "adapter", rank=4, target_modules=["q_proj", "v_proj"])
     driver = launch(EngineConfig(
-        model=str(base), device="cpu", dtype="float32", max_model_len=256, block_size=8, cpu_kv_cache_bytes=4 << 20,
+        model=str(base), device="cpu", dtype="float32", max_model_len=256, block_size=8, cpu_kv_cache_bytes=32 << 20,
         tensor_parallel_size=tensor_parallel_size, torch_threads_per_worker=1, enable_lora=True,
         lora_modules={"adapter": str(adapter)},
     ))
     try:
         greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         before = ray.get(driver.generate.remote([[5, 6, 7]], greedy, "adapter"))[0].token_ids
-        long = driver.generate.remote([[5, 6, 7]] * 4, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
-        time.sleep(1.0)
+        # The kill lands once this batch is decoding: 240 steps of 32 sequences, so still in flight.
+        long = driver.generate.remote([[5, 6, 7]] * 32, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
+        wait_until_running(driver, 32)
         victim = ray.get(driver.worker_handles.remote())[-1]
         killed_at = time.monotonic()
         ray.kill(victim)

@@ -7,7 +7,6 @@ change a single token.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from cluster import EngineConfig, SamplingParams, launch
 from cluster.synthetic import write_word_tokenizer
 from tests.checkpoints import make_random_checkpoint
+from tests.ray_fixtures import wait_until_running
 
 MAX_MODEL_LEN = 96
 
@@ -68,7 +68,7 @@ def check_against_transformers(
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in max_tokens]
     # the first half decodes while the second half arrives
     early = driver.generate.remote(prompts[:4], params[:4])
-    time.sleep(0.3)
+    wait_until_running(driver)
     late = driver.generate.remote(prompts[4:], params[4:])
     outputs = ray.get(early) + ray.get(late)
     expected = transformers_greedy(model_dir, prompts, max_tokens)

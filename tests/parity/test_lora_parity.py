@@ -7,7 +7,6 @@ More distinct adapters than `max_loras` (slots swap while others run) and than `
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from cluster.synthetic import write_word_tokenizer
 from lora.request import LoRARequest
 from tests.adapters import load_peft_model, make_peft_adapter
 from tests.checkpoints import make_random_checkpoint
+from tests.ray_fixtures import wait_until_running
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
@@ -61,7 +61,7 @@ def test_mixed_adapters_match_peft(ray_session, tmp_path, arch):
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
         half = len(names) // 2
         early = driver.generate.remote(prompts[:half], params[:half], loras[:half])
-        time.sleep(0.2)
+        wait_until_running(driver)
         late = driver.generate.remote(prompts[half:], params[half:], loras[half:])
         outputs = ray.get(early) + ray.get(late)
         stats = ray.get(driver.stats.remote())
