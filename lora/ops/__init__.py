@@ -26,7 +26,7 @@ from lora.ops import torch_ops
 from lora.ops.cpu_ops import slot_weights
 from lora.ops.metadata import LoRAStepMetadata
 
-__all__ = ["LoRAStepMetadata", "add_lora", "lora_expand", "lora_shrink", "slot_weights"]
+__all__ = ["LoRAStepMetadata", "add_lora", "add_lora_unchecked", "lora_expand", "lora_shrink", "slot_weights"]
 
 BACKEND_ENV = "RAYLORA_LORA_OPS"
 
@@ -93,17 +93,25 @@ def add_lora(
             _check_shrink(x, a, meta)
     for a_rows, b, col in zip(_ranks(lora_a, b_list), b_list, offsets):
         _check_expand(a_rows, b, meta, out, col)
+    add_lora_unchecked(out, x, lora_a, b_list, meta, offsets)
+
+
+def add_lora_unchecked(
+    out: torch.Tensor, x: torch.Tensor, lora_a: Tensors, lora_b: list[torch.Tensor], meta: LoRAStepMetadata,
+    offsets: list[int],
+) -> None:
+    """`add_lora` on operands already checked (a layer checks its buffers once, when it is built)."""
     if not meta.has_lora:
         return
     backend = _backend(x)
     if backend is torch_ops:
         if isinstance(lora_a, torch.Tensor):
-            torch_ops.add_lora(out, x, lora_a, b_list, meta, offsets)
+            torch_ops.add_lora(out, x, lora_a, lora_b, meta, offsets)
         else:  # separate A matrices, possibly of different ranks: one pair at a time
-            for a, b, col in zip(lora_a, b_list, offsets):
+            for a, b, col in zip(lora_a, lora_b, offsets):
                 torch_ops.add_lora(out, x, a, [b], meta, [col])
         return
-    lora_expand(lora_shrink(x, _split_stacked(lora_a, b_list), meta), b_list, meta, out, offsets)
+    lora_expand(lora_shrink(x, _split_stacked(lora_a, lora_b), meta), lora_b, meta, out, offsets)
 
 
 def _check_stacked(x: torch.Tensor, stacked_a: torch.Tensor, lora_b: list[torch.Tensor], meta: LoRAStepMetadata) -> None:

@@ -196,25 +196,11 @@ def _stored_transposed(weights: torch.Tensor) -> bool:
     return weights.transpose(1, 2).is_contiguous()
 
 
-@dataclass(frozen=True)
-class KernelViews:
-    """The kernel's operands: A [slots, in, P*rank] and each B [slots, rank, out_i], contiguous,
-    and the output column of each slice."""
-
-    a_by_input: torch.Tensor
-    b_by_rank: list[torch.Tensor]
-    offsets: list[int]
-
-
-def kernel_views(stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], offsets: Sequence[int]) -> KernelViews | None:
-    """The weights as the kernel reads them, or None where it cannot: not float32 CPU tensors,
-    not in `slot_weights`' CPU layout, or no kernel built."""
-    weights = [stacked_a, *lora_b]
-    if not all(w.device.type == "cpu" and w.dtype == torch.float32 and _stored_transposed(w) for w in weights):
-        return None
-    if EXTENSION.module() is None:
-        return None
-    return KernelViews(stacked_a.transpose(1, 2), [b.transpose(1, 2) for b in lora_b], list(offsets))
+def weights_fit(stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor]) -> bool:
+    """Float32 CPU weights in `slot_weights`' CPU layout, and the kernel built."""
+    return all(
+        w.device.type == "cpu" and w.dtype == torch.float32 and _stored_transposed(w) for w in (stacked_a, *lora_b)
+    ) and EXTENSION.module() is not None
 
 
 def inputs_fit(out: torch.Tensor, x: torch.Tensor) -> bool:
@@ -227,14 +213,27 @@ def inputs_fit(out: torch.Tensor, x: torch.Tensor) -> bool:
 
 def applies(out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor]) -> bool:
     """The kernel serves these activations and weights."""
-    return inputs_fit(out, x) and kernel_views(stacked_a, lora_b, [0] * len(lora_b)) is not None
+    return inputs_fit(out, x) and weights_fit(stacked_a, lora_b)
 
 
-def run(out: torch.Tensor, x: torch.Tensor, views: KernelViews, meta: LoRAStepMetadata) -> None:
+@dataclass(frozen=True)
+class KernelViews:
+    """The kernel's operands: A [slots, in, P*rank] and each B [slots, rank, out_i], contiguous."""
+
+    a_by_input: torch.Tensor
+    b_by_rank: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor]) -> KernelViews:
+        """Views of weights that `weights_fit`."""
+        return cls(stacked_a.transpose(1, 2), [b.transpose(1, 2) for b in lora_b])
+
+
+def run(out: torch.Tensor, x: torch.Tensor, views: KernelViews, offsets: Sequence[int], meta: LoRAStepMetadata) -> None:
     """out[t, offset_i:...] += x[t] @ A[slot]ᵀ (slice i) @ B_i[slot]ᵀ for every LoRA token, in place."""
     module = EXTENSION.module()
     assert module is not None
-    module.add_lora_by_slot(out, x, views.a_by_input, views.b_by_rank, views.offsets, meta.rows_by_slot, meta.slot_ends)
+    module.add_lora_by_slot(out, x, views.a_by_input, views.b_by_rank, offsets, meta.rows_by_slot, meta.slot_ends)
 
 
 def add_lora_by_slot(
@@ -246,6 +245,4 @@ def add_lora_by_slot(
     meta: LoRAStepMetadata,
 ) -> None:
     """`run` on weights given as [slots, rows, cols] views in the kernel's layout."""
-    views = kernel_views(stacked_a, lora_b, offsets)
-    assert views is not None
-    run(out, x, views, meta)
+    run(out, x, KernelViews.of(stacked_a, lora_b), offsets, meta)

@@ -3,7 +3,8 @@
 `add_lora` validates shapes and picks a path on every call, which on a CPU decode step costs
 about as much as the C++ kernel itself. A layer's buffers never change shape, so
 `LayerLoRAWeights` validates them when the layer is built and keeps the kernel's views ready;
-`add_layer_lora` then checks only what changes per step (the activations).
+`add_layer_lora` then checks only what changes per step (the activations) before the same
+dispatch `add_lora` runs after its checks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora.ops import add_lora, cpu_ops
+from lora.ops import add_lora_unchecked, cpu_ops
 from lora.ops.metadata import LoRAStepMetadata
 
 
@@ -36,7 +37,8 @@ class LayerLoRAWeights:
         for b in self.lora_b:
             if b.dim() != 3 or b.shape[0] != num_slots or b.shape[2] != rank:
                 raise ValueError(f"lora_b {tuple(b.shape)} does not fit {num_slots} slots of rank {rank}")
-        object.__setattr__(self, "kernel_views", cpu_ops.kernel_views(self.stacked_a, self.lora_b, self.offsets))
+        views = cpu_ops.KernelViews.of(self.stacked_a, self.lora_b) if cpu_ops.weights_fit(self.stacked_a, self.lora_b) else None
+        object.__setattr__(self, "kernel_views", views)
         object.__setattr__(self, "in_features", self.stacked_a.shape[2])
         object.__setattr__(self, "out_features", max(offset + b.shape[1] for offset, b in zip(self.offsets, self.lora_b)))
 
@@ -51,6 +53,6 @@ def add_layer_lora(out: torch.Tensor, x: torch.Tensor, weights: LayerLoRAWeights
     if not meta.has_lora:
         return
     if weights.kernel_views is not None and cpu_ops.inputs_fit(out, x):
-        cpu_ops.run(out, x, weights.kernel_views, meta)
+        cpu_ops.run(out, x, weights.kernel_views, weights.offsets, meta)
         return
-    add_lora(out, x, weights.stacked_a, list(weights.lora_b), meta, list(weights.offsets))
+    add_lora_unchecked(out, x, weights.stacked_a, list(weights.lora_b), meta, list(weights.offsets))
