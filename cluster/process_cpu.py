@@ -1,0 +1,77 @@
+"""CPU seconds of this host's Ray processes, grouped by the role their process title names.
+
+Ray titles an actor's process `ray::<ClassName>` (and `ray::<ClassName>.<method>` while a task
+runs); Serve replicas are `ray::ServeReplica:<app>:<Deployment>`. Snapshots before and after a
+benchmark run give each role's CPU time, which divided by the streamed tokens is the serving
+path's cost per token. Only meaningful when the server runs on this host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+# (role, substring of the process title), first match wins; the serving path's roles first.
+ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("proxy", "ray::ProxyActor"),
+    ("ingress", ":OpenAIIngress"),
+    ("engine replica", ":LoRAEngine"),
+    ("driver", "ray::Driver"),
+    ("worker", "ray::Worker"),
+    ("serve controller", "ray::ServeController"),
+    ("other ray actors", "ray::"),
+    ("ray system", "raylet"),
+    ("ray system", "gcs_server"),
+    ("ray system", "ray/dashboard"),
+    ("ray system", "ray/_private"),
+    ("ray system", "ray/autoscaler"),
+)
+SERVING_PATH = ("proxy", "ingress", "engine replica", "driver")
+
+
+def role_of(title: str) -> str | None:
+    for role, pattern in ROLE_PATTERNS:
+        if pattern in title:
+            return role
+    return None
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds (user + system) of every Ray process on this host, by pid, with its role."""
+
+    seconds: dict[int, tuple[str, float]]
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        seconds: dict[int, tuple[str, float]] = {}
+        for process in psutil.process_iter(["pid", "cmdline", "name"]):
+            try:
+                title = " ".join(process.info["cmdline"] or []) or process.info["name"] or ""
+                role = role_of(title)
+                if role is None:
+                    continue
+                times = process.cpu_times()
+                seconds[process.info["pid"]] = (role, times.user + times.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return cls(seconds)
+
+
+def cpu_by_role(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """CPU seconds each role spent between the snapshots (processes started since count whole),
+    plus "serving path": proxy, ingress, engine replica and driver together."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.seconds.items():
+        previous = before.seconds.get(pid)
+        spent[role] = spent.get(role, 0.0) + max(0.0, seconds - (previous[1] if previous else 0.0))
+    if any(role in spent for role in SERVING_PATH):
+        spent["serving path"] = sum(spent.get(role, 0.0) for role in SERVING_PATH)
+    return spent
+
+
+def process_cpu_seconds() -> float:
+    """This process's own CPU seconds (the benchmark client, or the in-process engine)."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
