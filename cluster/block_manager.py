@@ -22,26 +22,20 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) <= len(self.free_blocks)
+    def blocks_to_cover(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks the sequence needs so that positions 0..num_tokens-1 have a cache slot."""
+        return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
 
-    def allocate(self, seq: Sequence) -> None:
-        """Blocks for every token of the sequence (a prefill, or a recompute after preemption)."""
-        assert not seq.block_table, f"sequence {seq.seq_id} already holds blocks"
-        seq.block_table = [self.free_blocks.popleft() for _ in range(self.blocks_needed(seq.num_tokens))]
+    def can_cover(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_to_cover(seq, num_tokens) <= len(self.free_blocks)
 
-    def blocks_to_append(self, seq: Sequence, steps: int = 1) -> int:
-        """New blocks the next `steps` decode steps need (each caches one more token)."""
-        return max(0, self.blocks_needed(seq.num_tokens + steps - 1) - len(seq.block_table))
-
-    def can_append(self, seq: Sequence, steps: int = 1) -> bool:
-        return self.blocks_to_append(seq, steps) <= len(self.free_blocks)
-
-    def append_slots(self, seq: Sequence, steps: int = 1) -> None:
-        for _ in range(self.blocks_to_append(seq, steps)):
+    def cover(self, seq: Sequence, num_tokens: int) -> None:
+        """Give the sequence blocks up to position num_tokens-1 (a prefill chunk, a decode token, or
+        several decode steps ahead)."""
+        for _ in range(self.blocks_to_cover(seq, num_tokens)):
             seq.block_table.append(self.free_blocks.popleft())
 
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = 0

@@ -161,7 +161,21 @@ class EngineConfig(BaseModel):
         "amortizes the driver-worker round trip, new requests wait up to that many steps.",
     )
     max_num_batched_tokens: int | None = Field(
-        None, description="Most tokens in one step; defaults to max(max_model_len, 2048) at engine start."
+        None,
+        description="Most tokens in one step (the scheduler's token budget, also what the GPU memory profile "
+        "reserves activations for); defaults to 2048 with chunked prefill, else max(max_model_len, 2048).",
+    )
+    enable_chunked_prefill: bool = Field(
+        True,
+        description="Mix decode tokens and prefill chunks in one step under max_num_batched_tokens, so an "
+        "arriving prompt never stalls running decodes and a prompt longer than the budget is served over "
+        "several steps (vLLM's default). Off: a step is either whole new prompts or a decode of all.",
+    )
+    async_scheduling: bool = Field(
+        True,
+        description="Schedule and send the next step while the workers run the current one (the workers feed "
+        "the tokens still in flight in themselves), hiding the driver-worker round trip; a sequence that "
+        "stops on EOS or a stop string then computes one token that is dropped.",
     )
     block_size: int = Field(16, description="Tokens per KV cache block (a power of 2).")
     gpu_memory_utilization: float = Field(

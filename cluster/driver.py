@@ -8,10 +8,12 @@ request its deltas through a queue. Requests join and leave the running batch at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from cluster.lora_registry import AdapterInfo, LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.sampling_params import SamplingParams
+from cluster.scheduler import ScheduledBatch
 from cluster.worker_group import WorkerGroup
 from lora.adapter import load_adapter
 from lora.request import LoRARequest
@@ -298,30 +301,52 @@ class Driver:
     # ---- the step loop --------------------------------------------------------------------
 
     async def _step_loop(self) -> None:
+        """Schedule, send, and turn outputs into deltas, keeping up to two steps in flight.
+
+        With async scheduling the next step is scheduled and sent while the workers run the
+        current one (they run their calls in order and feed the tokens still in flight in
+        themselves), so the round trip and this loop's own work (detokenizing, stop strings,
+        handing out deltas) hide behind the workers' compute.
+        """
         assert self._wakeup is not None
+        depth = 2 if self.config.async_scheduling else 1
+        in_flight: deque[tuple[ScheduledBatch, asyncio.Future]] = deque()
         while True:
             if self._worker_failure is not None:
+                await self._drop_in_flight(in_flight)
                 await self._recover(self._worker_failure)
                 continue
             assert self.engine is not None
-            batch = self.engine.schedule()
-            if batch is None:
+            if len(in_flight) < depth:
+                batch = self.engine.schedule()
+                if batch is not None:
+                    in_flight.append((batch, self.workers.submit(self.engine.build_step(batch))))
+                    self._step_in_flight = True
+                    continue
+            if not in_flight:
+                self._step_in_flight = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            step = self.engine.build_step(batch)
-            self._step_in_flight = True
+            batch, future = in_flight[0]
             try:
-                output = await self.workers.execute(step)
+                output = await future
             except Exception as exc:  # a worker died or failed mid-step
                 self._worker_failure = exc
                 continue
-            finally:
-                self._step_in_flight = False
+            in_flight.popleft()
             for delta in self.engine.process_output(batch, output):
                 pending = self._pending.get(delta.request_id)
                 if pending is not None:
                     pending.deltas.put_nowait(delta)
+
+    @staticmethod
+    async def _drop_in_flight(in_flight: deque[tuple[ScheduledBatch, asyncio.Future]]) -> None:
+        """Wait out the steps still sent to a failed group (their results belong to no engine now)."""
+        for _, future in in_flight:
+            with contextlib.suppress(Exception):
+                await future
+        in_flight.clear()
 
     async def _watch_workers(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
         """Between steps, ping the workers so a death is noticed within seconds even when idle."""

@@ -64,7 +64,9 @@ class EngineLimits:
             vocab_size=model.vocab_size,
             block_size=config.block_size,
             num_blocks=num_blocks,
-            scheduler=SchedulerLimits(config.max_num_seqs, max_batched, config.max_loras),
+            scheduler=SchedulerLimits(
+                config.max_num_seqs, max_batched, config.max_loras, config.enable_chunked_prefill, max_model_len
+            ),
             eos_token_ids=eos_token_ids(config.model, tokenizer, model.eos_token_ids),
             num_scheduler_steps=config.num_scheduler_steps,
         )
@@ -92,6 +94,7 @@ class EngineCore:
         self.slots = SlotTable(limits.scheduler.max_loras) if enable_lora else None
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
+        self._sampled_rows: dict[int, int] = {}  # seq_id -> its row in the last step built, if it samples
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -159,37 +162,51 @@ class EngineCore:
         running = self.scheduler.running
         if self.limits.num_scheduler_steps == 1 or not running:
             return 1
-        room = min(self.limits.max_model_len - seq.num_tokens + 1 for seq in running)
-        wanted = max(seq.sampling.max_tokens - seq.num_output_tokens for seq in running)
+        room = min(self.limits.max_model_len - seq.num_expected_tokens + 1 for seq in running)
+        wanted = max(seq.sampling.max_tokens - seq.num_output_tokens - seq.num_inflight_tokens for seq in running)
         return max(1, min(self.limits.num_scheduler_steps, room, wanted))
 
     def build_step(self, batch: ScheduledBatch) -> StepInput:
+        """The workers' input for a scheduled batch; the tokens it samples are in flight from now on.
+
+        A sequence whose newest token is still in flight (sampled by the previous step, not yet
+        processed here) gets that token from the workers: `prev_token_rows` names its row in the
+        previous step's output.
+        """
         lora_loads, lora_slots = self._order_by_slot(batch) if self.slots is not None else ([], None)
         seqs = batch.seqs
-        block_size = self.limits.block_size
-        if batch.is_prefill:
-            token_lists = [seq.all_token_ids() for seq in seqs]
-            query_lens = np.array([len(tokens) for tokens in token_lists], dtype=np.int64)
-            input_ids = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=int(query_lens.sum()))
-            positions = np.concatenate([np.arange(n, dtype=np.int64) for n in query_lens])
-            context_lens = query_lens
-        else:
-            input_ids = np.array([seq.last_token_id for seq in seqs], dtype=np.int64)
-            context_lens = np.array([seq.num_tokens for seq in seqs], dtype=np.int64)
-            positions = context_lens - 1
-            query_lens = np.ones(len(seqs), dtype=np.int64)
+        query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
+        starts = np.array(batch.start_positions, dtype=np.int64)
+        token_starts = np.cumsum(query_lens) - query_lens
+        positions = np.repeat(starts - token_starts, query_lens) + np.arange(int(query_lens.sum()), dtype=np.int64)
+        input_ids = np.zeros(len(positions), dtype=np.int64)
+        prev_rows = None
+        for row, (seq, start, count) in enumerate(zip(seqs, batch.start_positions, batch.num_new_tokens)):
+            first = int(token_starts[row])
+            known = min(count, seq.num_tokens - start)
+            if known > 0:
+                input_ids[first : first + known] = seq.token_slice(start, start + known)
+            if known < count:  # the one token still in flight: its row in the previous step
+                if prev_rows is None:
+                    prev_rows = np.full(len(positions), -1, dtype=np.int64)
+                prev_rows[first + count - 1] = self._sampled_rows[seq.seq_id]
+        context_lens = starts + query_lens
         block_tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int64)
         for row, seq in enumerate(seqs):
             block_tables[row, : len(seq.block_table)] = seq.block_table
-        slot_mapping = cache_slots(block_tables, np.repeat(np.arange(len(seqs)), query_lens), positions, block_size)
+        slot_mapping = cache_slots(block_tables, np.repeat(np.arange(len(seqs)), query_lens), positions, self.limits.block_size)
         step = StepInput(
             input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=context_lens,
             block_tables=block_tables, slot_mapping=slot_mapping, is_prefill=batch.is_prefill,
-            sampling=self._sampling_batch(seqs), num_steps=batch.num_steps,
+            sampling=self._sampling_batch(seqs), num_steps=batch.num_steps, prev_token_rows=prev_rows,
         )
         if self.slots is not None:
             step.lora_loads, step.lora_slots = lora_loads, lora_slots
             step.rope_tables = np.array([seq.rope_table for seq in seqs], dtype=np.int64)
+        self._sampled_rows = {seq.seq_id: row for row, seq in enumerate(seqs) if batch.samples[row]}
+        for seq, samples in zip(seqs, batch.samples):
+            if samples:
+                seq.num_inflight_tokens += batch.num_steps
         return step
 
     def _order_by_slot(self, batch: ScheduledBatch) -> tuple[list[SlotLoad], np.ndarray]:
@@ -201,7 +218,7 @@ class EngineCore:
         loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
         slots = np.array([self.slots.slot(seq.lora_id) for seq in batch.seqs], dtype=np.int64)
         order = np.argsort(slots, kind="stable")
-        batch.seqs[:] = [batch.seqs[index] for index in order]
+        batch.reorder(order.tolist())
         return loads, slots[order]
 
     @staticmethod
@@ -213,7 +230,7 @@ class EngineCore:
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             top_k=np.array([p.top_k for p in params], dtype=np.int64),
             noise_seed=np.array([seq.noise_seed for seq in seqs], dtype=np.int64),
-            noise_step=np.array([seq.num_output_tokens for seq in seqs], dtype=np.int64),
+            noise_step=np.array([seq.num_output_tokens + seq.num_inflight_tokens for seq in seqs], dtype=np.int64),
             num_logprobs=max(wanted) if wanted else -1,
         )
 
@@ -221,6 +238,9 @@ class EngineCore:
         """Append each sampled token, detokenize, apply stop rules; return what each request gained."""
         deltas = []
         for row, seq in enumerate(batch.seqs):
+            if not batch.samples[row]:  # a prefill chunk short of the prompt's end: nothing sampled
+                continue
+            seq.num_inflight_tokens -= batch.num_steps
             state = self.requests.get(seq.request_id)
             if state is None or seq.is_finished:  # aborted while the step was in flight
                 continue
@@ -241,7 +261,6 @@ class EngineCore:
         seq = state.seq
         token_id = int(output.token_ids[row, column])
         seq.output_token_ids.append(token_id)
-        seq.num_cached_tokens = seq.num_tokens - 1
         if seq.sampling.logprobs is not None and output.logprobs is not None:
             state.logprobs.append(self._token_logprob(output, row, column, seq.sampling.logprobs))
         previous_text_len = len(state.text)

@@ -26,14 +26,22 @@ def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
     return max_model_len
 
 
+DEFAULT_CHUNKED_TOKEN_BUDGET = 2048
+
+
 def resolve_max_num_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
+    """The step's token budget: the scheduler's limit and the activations the GPU profile reserves.
+
+    With chunked prefill any budget serves every prompt (long ones take several steps); without it
+    a full-length prompt must fit one step.
+    """
     if config.max_num_batched_tokens is None:
-        return max(max_model_len, 2048)
-    if config.max_num_batched_tokens < max_model_len:
+        return DEFAULT_CHUNKED_TOKEN_BUDGET if config.enable_chunked_prefill else max(max_model_len, 2048)
+    if not config.enable_chunked_prefill and config.max_num_batched_tokens < max_model_len:
         raise ValueError(
             f"max_num_batched_tokens ({config.max_num_batched_tokens}) is smaller than max_model_len "
             f"({max_model_len}): a full-length prompt could never be scheduled; raise max_num_batched_tokens "
-            f"or lower max_model_len"
+            f"or lower max_model_len, or enable_chunked_prefill"
         )
     return config.max_num_batched_tokens
 

@@ -18,7 +18,12 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """One prompt being completed. `num_cached_tokens` counts tokens whose K/V sit in the cache."""
+    """One prompt being completed.
+
+    `num_computed_tokens` counts tokens whose K/V sit in the cache or are being written by a step
+    already sent; `num_inflight_tokens` counts tokens sampled by steps sent but not yet processed
+    (the driver schedules the next step before the current one returns).
+    """
 
     seq_id: int
     request_id: str
@@ -30,7 +35,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_inflight_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
 
@@ -44,12 +50,27 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_expected_tokens(self) -> int:
+        """Tokens once the ones in flight arrive: where the next step's query starts after the
+        computed ones."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
     @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions start..stop-1 (prompt, then output)."""
+        prompt_len = len(self.prompt_token_ids)
+        if stop <= prompt_len:
+            return self.prompt_token_ids[start:stop]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len : stop - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt_len]
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

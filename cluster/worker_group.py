@@ -23,6 +23,10 @@ def wants_gpu(config: EngineConfig) -> bool:
     return config.device == "cuda"
 
 
+async def _first(results: asyncio.Future) -> StepOutput:
+    return (await results)[0]
+
+
 class WorkerGroup:
     """N = tensor_parallel_size `WorkerActor`s, one per bundle of a placement group."""
 
@@ -60,13 +64,18 @@ class WorkerGroup:
         await asyncio.gather(*(w.init_cache.remote(num_blocks) for w in self.workers))
         return num_blocks
 
+    def submit(self, step: StepInput) -> asyncio.Future:
+        """Send the step to every rank now (each runs its calls in the order sent, so a step sent
+        before the previous one returned runs after it); the future is rank 0's answer."""
+        if len(self.workers) == 1:
+            return asyncio.ensure_future(self.workers[0].execute_step.remote(step))
+        step_ref = ray.put(step)
+        results = asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
+        return asyncio.ensure_future(_first(results))
+
     async def execute(self, step: StepInput) -> StepOutput:
         """Every rank runs the step; rank 0 answers."""
-        if len(self.workers) == 1:
-            return await self.workers[0].execute_step.remote(step)
-        step_ref = ray.put(step)
-        results = await asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
-        return results[0]
+        return await self.submit(step)
 
     def prefetch_lora(self, lora: LoRARequest) -> list:
         """Every rank reads its slices into its CPU cache, beside the steps; returns the refs."""

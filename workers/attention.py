@@ -1,10 +1,12 @@
 """Paged attention: write this step's K/V into the block-paged cache, attend over block tables.
 
 The torch path pads the step into a batch and runs one masked scaled-dot-product attention for
-all sequences: a prefill (everything is recomputed, nothing is cached before it) attends over
-its own new keys; a decode gathers each sequence's cache blocks, whole blocks at a time. On a
-CPU worker a decode instead runs the C++ paged kernel of `workers.cpu_attention`, which reads
-the blocks in place. No per-sequence or per-token Python loop; the index tensors are built once
+all sequences: a prefill (every sequence starts at position 0, nothing is cached before it)
+attends over its own new keys; any other step (decodes, prefill chunks after earlier chunks,
+or both mixed) gathers each sequence's cache blocks, whole blocks at a time, and masks by
+position. On a CPU worker those steps instead run the C++ paged kernel of
+`workers.cpu_attention`, which reads the blocks in place: one query row per token, each with
+its sequence's block table and its own position as the causal limit. No per-sequence or per-token Python loop; the index tensors are built once
 per step (`AttentionMetadata.build`) and shared by every layer.
 """
 
@@ -58,6 +60,16 @@ class AttentionMetadata:
         )
 
     @cached_property
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token as its own kernel row: its sequence's block table [T, M] and the keys it may
+        see [T] (positions up to its own). A decode-only step is already one token per row."""
+        if self.positions.shape[0] == self.query_lens.shape[0]:
+            return self.gather_blocks, self.context_lens
+        rows = torch.repeat_interleave(torch.arange(self.query_lens.shape[0], device=self.positions.device),
+                                       self.query_lens)
+        return self.gather_blocks[rows], self.positions + 1
+
+    @cached_property
     def padded(self) -> PaddedQueries:
         """Built on first use, once per step: a CPU decode served by the paged kernel never needs it."""
         device = self.positions.device
@@ -98,9 +110,10 @@ class Attention(nn.Module):
         self.k_cache[meta.slot_mapping] = k
         self.v_cache[meta.slot_mapping] = v
         if not meta.is_prefill and q.device.type == "cpu" and cpu_attention.kernel() is not None:
+            block_tables, context_lens = meta.per_token
             out = cpu_attention.paged_decode_attention(
                 q.view(tokens, self.num_heads, self.head_dim), self.k_cache, self.v_cache,
-                meta.gather_blocks, meta.context_lens, self.block_size, self.scale,
+                block_tables, context_lens, self.block_size, self.scale,
             )
             return out.view(tokens, self.num_heads * self.head_dim)
         padded = meta.padded

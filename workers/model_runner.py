@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from cluster.config import EngineConfig
+from cluster.model_checks import resolve_max_model_len, resolve_max_num_batched_tokens
 from lora.manager import LoRAManager
 from workers import cpu_attention
 from workers.attention import Attention, AttentionMetadata
@@ -53,6 +54,7 @@ class ModelRunner:
         prepack_linears(self.model, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead))
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = 0
+        self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # [B] of the last step
 
     def kv_block_bytes(self) -> int:
         """Bytes one KV block takes on this rank, keys and values of every layer."""
@@ -75,7 +77,8 @@ class ModelRunner:
 
     def _profile_activation_bytes(self) -> int:
         """Peak memory of the largest prefill the scheduler may send, measured with a scratch cache."""
-        tokens = min(self.config.max_num_batched_tokens or 2048, self.model_config.max_position_embeddings)
+        max_model_len = resolve_max_model_len(self.config, self.model_config)
+        tokens = resolve_max_num_batched_tokens(self.config, max_model_len)
         blocks = -(-tokens // self.config.block_size)
         self.allocate_kv_cache(blocks)
         torch.cuda.reset_peak_memory_stats()
@@ -124,12 +127,17 @@ class ModelRunner:
         With `num_steps > 1` (decode only) each step's sampled tokens are the next step's input,
         without a round trip to the driver. Sampling is a pure function of the logits and the
         rows' seeds, and every rank holds the same gathered logits, so every rank samples the
-        same tokens and no broadcast is needed.
+        same tokens and no broadcast is needed; each rank keeps the last tokens it sampled for the
+        next step's `prev_token_rows` (the driver sent it before this one returned).
         """
         if self.lora is not None:
             self.lora.apply_loads(step.lora_loads)
             self.lora.set_step(step.lora_slots, step.query_lens, step.rope_tables)
         input_ids, positions = self._tensor(step.input_ids), self._tensor(step.positions)
+        if step.prev_token_rows is not None:
+            prev_rows = self._tensor(step.prev_token_rows)
+            fed_back = prev_rows >= 0
+            input_ids[fed_back] = self.last_sampled[prev_rows[fed_back]]
         query_lens, context_lens = self._tensor(step.query_lens), self._tensor(step.context_lens)
         block_tables, slot_mapping = self._tensor(step.block_tables), self._tensor(step.slot_mapping)
         rows = torch.arange(block_tables.shape[0], device=self.device)
@@ -137,13 +145,13 @@ class ModelRunner:
         outputs = []
         for index in range(step.num_steps):
             logits = self._forward_logits(
-                input_ids, positions, query_lens, context_lens, block_tables, slot_mapping, step.is_prefill
+                input_ids, positions, query_lens, context_lens, block_tables, slot_mapping,
+                step.is_prefill and index == 0,
             )
-            if step.num_steps == 1 and tp_rank() != 0:
-                return None
             outputs.append(sample(logits, step.sampling.advanced(index)))
+            input_ids = torch.as_tensor(outputs[-1].token_ids, device=self.device)
             if index + 1 < step.num_steps:  # decode: one token per sequence, fed straight back
-                input_ids = torch.as_tensor(outputs[-1].token_ids, device=self.device)
                 positions, context_lens = positions + 1, context_lens + 1
                 slot_mapping = cache_slots(block_tables, rows, positions, block_size)
+        self.last_sampled = input_ids
         return StepOutput.stack(outputs) if tp_rank() == 0 else None

@@ -45,12 +45,15 @@ class StepInput:
     context_lens: np.ndarray  # [B] int64 tokens in the cache after this step
     block_tables: np.ndarray  # [B, M] int64, padded with 0
     slot_mapping: np.ndarray  # [T] int64
-    is_prefill: bool
+    is_prefill: bool  # every sequence starts at position 0: attention needs only the step's own keys
     sampling: SamplingBatch
     num_steps: int = 1  # decode steps to run, each feeding its sampled tokens to the next
     lora_slots: np.ndarray | None = None  # [B] adapter slot per sequence, -1 = base model
     rope_tables: np.ndarray | None = None  # [B] rotary table per sequence (long-context adapters), 0 = base
     lora_loads: list = field(default_factory=list)  # slot loads to apply before the forward
+    # [T] row of the previous step's output whose (last) sampled token is this input token, -1 = input_ids'
+    # own; set when the driver sent this step before the previous one returned (async scheduling)
+    prev_token_rows: np.ndarray | None = None
 
 
 @dataclass

@@ -99,6 +99,26 @@ def test_greedy_matches_transformers(ray_session, tmp_path, arch, overrides):
         ray.kill(driver)
 
 
+@pytest.mark.parametrize(
+    "scheduling",
+    [
+        # an 8-token budget cuts every prompt but the shortest across steps, beside running decodes
+        {"enable_chunked_prefill": True, "max_num_batched_tokens": 8},
+        {"enable_chunked_prefill": True, "max_num_batched_tokens": 8, "async_scheduling": False},
+        {"enable_chunked_prefill": False, "async_scheduling": False},  # whole-prompt prefill steps
+    ],
+    ids=["chunked-8-async", "chunked-8-sync", "unchunked-sync"],
+)
+def test_chunked_prefill_and_async_scheduling_match_transformers(ray_session, tmp_path, scheduling):
+    model_dir = checkpoint(tmp_path / "llama", "llama")
+    driver = launch(engine_config(model_dir, **scheduling))
+    try:
+        check_against_transformers(driver, model_dir, 256, seed=5, prompt_lens=(3, 17, 9, 30, 5, 41, 22, 7))
+    finally:
+        ray.get(driver.shutdown.remote())
+        ray.kill(driver)
+
+
 def kv_block_bytes(model_dir, block_size: int) -> int:
     config = json.loads((model_dir / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -109,7 +129,7 @@ def test_preemption_does_not_change_results(ray_session, tmp_path):
     model_dir = checkpoint(tmp_path / "llama", "llama")
     # room for one full-length sequence and a little more: eight concurrent requests must preempt
     budget = (MAX_MODEL_LEN // 4 + 2) * kv_block_bytes(model_dir, 4)
-    driver = launch(engine_config(model_dir, cpu_kv_cache_bytes=budget))
+    driver = launch(engine_config(model_dir, cpu_kv_cache_bytes=budget, max_num_batched_tokens=16))
     try:
         vocab_size = ray.get(driver.info.remote())["vocab_size"]
         check_against_transformers(driver, model_dir, vocab_size, seed=7, prompt_lens=[20, 9, 14, 25, 6, 18, 11, 16],

@@ -39,8 +39,10 @@ def reference_tokens(model, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_mixed_adapters_match_peft(ray_session, tmp_path, arch):
+@pytest.mark.parametrize("arch,token_budget", [("llama", 8), ("qwen2", None)])
+def test_mixed_adapters_match_peft(ray_session, tmp_path, arch, token_budget):
+    """With an 8-token budget prompts are cut into chunks that share steps with other adapters'
+    chunks and decodes."""
     base = make_random_checkpoint(tmp_path / "base", arch)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     write_word_tokenizer(base, vocab)
@@ -49,7 +51,7 @@ def test_mixed_adapters_match_peft(ray_session, tmp_path, arch):
     config = EngineConfig(
         model=str(base), device="cpu", dtype="float32", max_model_len=96, block_size=4, cpu_kv_cache_bytes=4 << 20,
         torch_threads_per_worker=1, enable_lora=True, max_loras=2, max_cpu_loras=3, max_lora_rank=16,
-        lora_modules={"qv-r8": str(paths["qv-r8"])},
+        lora_modules={"qv-r8": str(paths["qv-r8"])}, max_num_batched_tokens=token_budget,
     )
     driver = launch(config)
     try:
