@@ -165,8 +165,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`raylora bench [engine] ...` or `raylora bench lora ...`."""
+    """`raylora bench [engine] ...`, `raylora bench lora ...` or `raylora bench serve ...`."""
     argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    if argv and argv[0] == "serve":
+        from cluster.bench_serve import main as bench_serve
+
+        return bench_serve(argv[1:])
     if argv and argv[0] == "lora":
         from cluster.bench_lora import main as bench_lora
 

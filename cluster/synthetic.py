@@ -38,6 +38,9 @@ PRESETS: dict[str, dict[str, int]] = {
     # (~19 % on a 1B Llama, ~160 % on "small").
     "medium": dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                    num_attention_heads=16, num_key_value_heads=8),
+    # `raylora bench serve`'s default: the online workload of issue 11 (hidden 512, 6 layers).
+    "serve": dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=4),
 }
 
 
