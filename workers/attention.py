@@ -24,11 +24,36 @@ from workers import cpu_attention
 
 @dataclass
 class PaddedQueries:
-    """The step as a padded [B, Q] batch of queries, which only the torch path attends over."""
+    """Sequences' queries as a padded [B, Q] batch, which only the torch path attends over."""
 
     query_index: torch.Tensor  # [B, Q] flat token index of each sequence's queries (padded)
     query_valid: torch.Tensor  # [B, Q] False on padding
     attn_mask: torch.Tensor  # [B, 1, Q, L] True where the query may attend the key
+
+    @staticmethod
+    def build(positions: torch.Tensor, query_lens: torch.Tensor, key_len: int) -> PaddedQueries:
+        """From the flat positions [T] of sequences with `query_lens` [B] tokens each, in order."""
+        device = positions.device
+        max_query = int(query_lens.max())
+        query_starts = torch.cumsum(query_lens, 0) - query_lens
+        steps = torch.arange(max_query, device=device)
+        query_valid = steps[None, :] < query_lens[:, None]
+        query_index = torch.where(query_valid, query_starts[:, None] + steps[None, :], 0)
+        query_pos = torch.where(query_valid, positions[query_index], 0)
+        key_pos = torch.arange(key_len, device=device)
+        attn_mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
+        return PaddedQueries(query_index, query_valid, attn_mask)
+
+
+@dataclass
+class CachedQueryGroup:
+    """Sequences the torch path attends over the cache together. A step that mixes decodes with
+    prefill chunks makes two groups, so a long chunk does not pad every decode's queries (and
+    mask) to its length."""
+
+    token_index: torch.Tensor | None  # [Tg] the group's tokens in the step; None = every token
+    blocks: torch.Tensor  # [Bg, M] cache blocks of the group's sequences
+    padded: PaddedQueries
 
 
 @dataclass
@@ -71,18 +96,25 @@ class AttentionMetadata:
 
     @cached_property
     def padded(self) -> PaddedQueries:
-        """Built on first use, once per step: a CPU decode served by the paged kernel never needs it."""
-        device = self.positions.device
-        max_query = int(self.query_lens.max())
-        key_len = max_query if self.is_prefill else self.gather_blocks.shape[1] * self.block_size
-        query_starts = torch.cumsum(self.query_lens, 0) - self.query_lens
-        steps = torch.arange(max_query, device=device)
-        query_valid = steps[None, :] < self.query_lens[:, None]
-        query_index = torch.where(query_valid, query_starts[:, None] + steps[None, :], 0)
-        query_pos = torch.where(query_valid, self.positions[query_index], 0)
-        key_pos = torch.arange(key_len, device=device)
-        attn_mask = (key_pos[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)
-        return PaddedQueries(query_index, query_valid, attn_mask)
+        """A prefill's queries over its own new keys; built on first use, once per step."""
+        return PaddedQueries.build(self.positions, self.query_lens, int(self.query_lens.max()))
+
+    @cached_property
+    def cached_groups(self) -> list[CachedQueryGroup]:
+        """The torch path's groups for a step that attends over the cache (built once per step)."""
+        single = self.query_lens == 1
+        if bool(single.all()) or not bool(single.any()):
+            key_len = self.gather_blocks.shape[1] * self.block_size
+            return [CachedQueryGroup(None, self.gather_blocks, PaddedQueries.build(self.positions, self.query_lens, key_len))]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(single), device=single.device), self.query_lens)
+        groups = []
+        for chosen in (single, ~single):
+            seqs = chosen.nonzero()[:, 0]
+            token_index = chosen[seq_of_token].nonzero()[:, 0]
+            num_blocks = -(-int(self.context_lens[seqs].max()) // self.block_size)
+            padded = PaddedQueries.build(self.positions[token_index], self.query_lens[seqs], num_blocks * self.block_size)
+            groups.append(CachedQueryGroup(token_index, self.gather_blocks[seqs, :num_blocks], padded))
+        return groups
 
 
 class Attention(nn.Module):
@@ -116,20 +148,30 @@ class Attention(nn.Module):
                 block_tables, context_lens, self.block_size, self.scale,
             )
             return out.view(tokens, self.num_heads * self.head_dim)
-        padded = meta.padded
+        queries = q.view(tokens, self.num_heads, self.head_dim)
         if meta.is_prefill:  # every key of the sequence is new in this step
-            keys, values = k[padded.query_index], v[padded.query_index]  # [B, Q, Hkv, D]
-        else:
-            keys, values = self._gather(self.k_cache, meta), self._gather(self.v_cache, meta)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
-        queries = q.view(tokens, self.num_heads, self.head_dim)[padded.query_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=padded.attn_mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )  # [B, H, Q, D]
-        return out.transpose(1, 2)[padded.query_valid].reshape(tokens, self.num_heads * self.head_dim)
+            padded = meta.padded
+            return self._attend(queries, k[padded.query_index], v[padded.query_index], padded)
+        out = None
+        for group in meta.cached_groups:
+            keys, values = self._gather(self.k_cache, group.blocks), self._gather(self.v_cache, group.blocks)
+            if group.token_index is None:
+                return self._attend(queries, keys, values, group.padded)
+            if out is None:
+                out = q.new_empty(tokens, self.num_heads * self.head_dim)
+            out[group.token_index] = self._attend(queries[group.token_index], keys, values, group.padded)
+        return out
 
-    def _gather(self, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padded: PaddedQueries
+    ) -> torch.Tensor:
+        """queries [Tg, H, D] attend keys/values [B, L, Hkv, D] under the padded mask -> [Tg, H*D]."""
+        out = F.scaled_dot_product_attention(
+            queries[padded.query_index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=padded.attn_mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        )  # [B, H, Q, D]
+        return out.transpose(1, 2)[padded.query_valid].reshape(queries.shape[0], self.num_heads * self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[B, M*block_size, Hkv, D]: each sequence's blocks, copied whole."""
-        blocks = cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)[meta.gather_blocks]
-        return blocks.flatten(1, 2)
+        return cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)[blocks].flatten(1, 2)
