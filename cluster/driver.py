@@ -1,15 +1,19 @@
-"""The driver actor: engine configuration, scheduler and step loop; the handle users hold.
+"""The driver: engine configuration, scheduler and step loop, over the worker actors.
 
-Requests arrive as actor calls (`generate`, `generate_stream`) while a background task steps
-the engine: schedule, send the step to the workers, turn their tokens into text and hand each
-request its deltas through a queue. Requests join and leave the running batch at any step.
+One class, two homes: a Serve engine replica constructs a `Driver` in its own process (its step
+loop runs on the replica's event loop, so a streamed token crosses no extra Ray hop), and
+`launch()` starts it as a Ray actor (`DriverActor`) for `ray.get` users. Either way requests
+arrive as calls (`generate`, `generate_stream`, or `submit` + `deltas` in-process) while a
+background task steps the engine: schedule, send the step to the workers, turn their tokens into
+text and hand each request its deltas through a `DeltaBuffer`, which coalesces them per reader.
+Requests join and leave the running batch at any step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import random
 import time
 import uuid
@@ -24,6 +28,7 @@ import torch
 from transformers import AutoTokenizer
 
 from cluster.config import EngineConfig
+from cluster.delta_buffer import DeltaBuffer
 from cluster.engine import EngineCore, EngineLimits
 from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from cluster.lora_registry import AdapterInfo, LoRARegistry
@@ -57,7 +62,7 @@ class _PendingRequest:
     prompt_token_ids: list[int]
     lora_name: str | None
     wants_logprobs: bool
-    deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
+    deltas: DeltaBuffer = field(default_factory=DeltaBuffer)
 
 
 class Driver:
@@ -195,7 +200,9 @@ class Driver:
             return list(prompt)
         raise InvalidRequestError("a prompt must be a string or a list of token ids", param="prompt")
 
-    def _submit(self, prompt: Prompt, params: SamplingParams | None, lora: LoRARequest | None, request_id: str) -> None:
+    def _submit(
+        self, prompt: Prompt, params: SamplingParams | None, lora: LoRARequest | str | None, request_id: str
+    ) -> None:
         """Queue one request; raise before anything is queued if it cannot be served."""
         if self._unavailable is not None:
             raise EngineDeadError(f"the engine is not serving right now ({self._unavailable}): retry in a few seconds")
@@ -240,7 +247,7 @@ class Driver:
             return [await self._collect(request_id) for request_id in request_ids]
         finally:
             for request_id in request_ids:
-                self._forget(request_id)
+                self.release(request_id)
 
     async def generate_stream(
         self,
@@ -248,18 +255,39 @@ class Driver:
         sampling_params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
         request_id: str | None = None,
+        stream_interval_ms: float | None = None,
     ) -> AsyncIterator[StreamDelta]:
-        """Yield what each step adds to one request, ending with its finish reason."""
+        """Yield what the steps add to one request, ending with its finish reason: the first delta at
+        once, then everything new at most every `stream_interval_ms` (default: the engine's)."""
         request_id = request_id or uuid.uuid4().hex
+        self.submit(prompt, sampling_params, lora_request, request_id)
+        interval_ms = self.config.stream_interval_ms if stream_interval_ms is None else stream_interval_ms
+        async for delta in self.deltas(request_id, interval_ms / 1000):
+            yield delta
+
+    def submit(
+        self, prompt: Prompt, sampling_params: SamplingParams | None, lora_request: LoRARequest | str | None,
+        request_id: str,
+    ) -> None:
+        """Queue one request to read with `deltas` in this process; raises if it cannot be served."""
         self._submit(prompt, sampling_params, lora_request, request_id)
+
+    async def deltas(self, request_id: str, interval_s: float) -> AsyncIterator[StreamDelta]:
+        """A submitted request's deltas, merged: the first as soon as there is one, then what the steps
+        added at most every `interval_s` (0: every step; `math.inf`: only the finished whole, the first
+        included). A finished delta never waits. Stopping early aborts the request."""
+        buffer = self._pending[request_id].deltas
+        loop = asyncio.get_running_loop()
+        hold_until = math.inf if interval_s == math.inf else 0.0
         try:
             while True:
-                delta = await self._next_delta(request_id)
+                delta = await buffer.take(hold_until)
                 yield delta
                 if delta.finished:
                     return
+                hold_until = loop.time() + interval_s
         finally:
-            self._forget(request_id)
+            self.release(request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request (a client went away); its blocks are freed at once."""
@@ -269,34 +297,22 @@ class Driver:
             pending.deltas.put_nowait(StreamDelta(request_id, "", [], "abort"))
         return bool(found)
 
-    def _forget(self, request_id: str) -> None:
+    def release(self, request_id: str) -> None:
+        """Drop a request, aborting it if it still runs; safe to call more than once."""
         if self.engine is not None:
             self.engine.abort(request_id)
         self._pending.pop(request_id, None)
 
-    async def _next_delta(self, request_id: str) -> StreamDelta:
-        item = await self._pending[request_id].deltas.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
     async def _collect(self, request_id: str) -> GenerationOutput:
+        """The whole completion, read once when it finished (no wake-up per step)."""
         pending = self._pending[request_id]
-        text_parts: list[str] = []
-        token_ids: list[int] = []
-        logprobs = [] if pending.wants_logprobs else None
-        while True:
-            delta = await self._next_delta(request_id)
-            text_parts.append(delta.text)
-            token_ids.extend(delta.token_ids)
-            if logprobs is not None and delta.logprobs:
-                logprobs.extend(delta.logprobs)
-            if delta.finished:
-                return GenerationOutput(
-                    request_id=request_id, prompt_token_ids=pending.prompt_token_ids, text="".join(text_parts),
-                    token_ids=token_ids, finish_reason=delta.finish_reason, logprobs=logprobs,
-                    lora_name=pending.lora_name,
-                )
+        delta = await pending.deltas.take(math.inf)
+        logprobs = (delta.logprobs or []) if pending.wants_logprobs else None
+        return GenerationOutput(
+            request_id=request_id, prompt_token_ids=pending.prompt_token_ids, text=delta.text,
+            token_ids=list(delta.token_ids), finish_reason=delta.finish_reason, logprobs=logprobs,
+            lora_name=pending.lora_name,
+        )
 
     # ---- the step loop --------------------------------------------------------------------
 
@@ -341,11 +357,17 @@ class Driver:
                     pending.deltas.put_nowait(delta)
 
     @staticmethod
-    async def _drop_in_flight(in_flight: deque[tuple[ScheduledBatch, asyncio.Future]]) -> None:
-        """Wait out the steps still sent to a failed group (their results belong to no engine now)."""
-        for _, future in in_flight:
-            with contextlib.suppress(Exception):
-                await future
+    async def _drop_in_flight(in_flight: deque[tuple[ScheduledBatch, asyncio.Future]], timeout_s: float = 5.0) -> None:
+        """Let the steps still sent to a failed group end (their results belong to no engine now);
+        one that hangs is cancelled."""
+        futures = [future for _, future in in_flight]
+        if futures:
+            _, hanging = await asyncio.wait(futures, timeout=timeout_s)
+            for future in hanging:
+                future.cancel()
+            for future in futures:
+                if not future.cancelled():
+                    future.exception()  # retrieved, so asyncio does not log it as lost
         in_flight.clear()
 
     async def _watch_workers(self, interval_s: float = 1.0, timeout_s: float = 10.0) -> None:
