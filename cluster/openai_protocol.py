@@ -10,13 +10,23 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from cluster.errors import InvalidRequestError, RayLoRAError
 from cluster.outputs import TokenLogprob
-from cluster.sampling_params import SamplingParams
+from cluster.sampling_params import (
+    MAX_INT32,
+    MAX_LOGPROBS,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    MIN_SEED,
+    SamplingParams,
+)
 
 # Fields that stay out of the JSON unless set, so plain OpenAI clients see plain OpenAI responses.
 Extension = Field(None, exclude_if=lambda value: value is None)
@@ -30,6 +40,10 @@ def random_id(prefix: str) -> str:
 
 # ---- requests ---------------------------------------------------------------------------------
 
+MAX_CHOICES = 128  # `n`
+TokenId = Annotated[StrictInt, Field(ge=0, le=MAX_INT32)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -41,12 +55,12 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = Field(1, ge=1, le=128)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED - (MAX_CHOICES - 1))  # choice i samples with seed + i
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
@@ -54,9 +68,9 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extensions
-    top_k: int = 0
+    top_k: int = Field(0, ge=-1, le=MAX_INT32)
     ignore_eos: bool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     return_token_ids: bool = False
 
@@ -89,12 +103,12 @@ class SamplingRequest(BaseModel):
         )
 
 
-Prompt = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -130,9 +144,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
