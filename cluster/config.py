@@ -237,6 +237,14 @@ class EngineConfig(BaseModel):
         None, description="torch threads in each worker; defaults to cores // tensor_parallel_size on CPU."
     )
 
+    # Streaming
+    stream_interval_ms: float = Field(
+        50.0, ge=0,
+        description="How long a streamed request's new tokens are held so that one streamed item (Ray object, "
+        "server-sent event) carries several steps, as Ray Serve LLM's stream batching interval; the first "
+        "token and the last item are never held. 0 = one item per step.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
         problems = _find_problems(self)

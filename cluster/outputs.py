@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -29,7 +30,7 @@ class GenerationOutput:
 
 @dataclass
 class StreamDelta:
-    """What one engine step added to a streamed request."""
+    """What one engine step (or several, merged) added to a streamed request."""
 
     request_id: str
     text: str
@@ -41,3 +42,17 @@ class StreamDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @classmethod
+    def merged(cls, deltas: Sequence[StreamDelta]) -> StreamDelta:
+        """Consecutive deltas of one request as one: text, token ids and logprobs in order, the last
+        finish reason. Streams batch deltas so one item carries several steps; nothing may change."""
+        if len(deltas) == 1:
+            return deltas[0]
+        first, last = deltas[0], deltas[-1]
+        token_ids = [token for delta in deltas for token in delta.token_ids]
+        logprobs = None
+        if any(delta.logprobs is not None for delta in deltas):
+            logprobs = [entry for delta in deltas for entry in delta.logprobs or ()]
+        return cls(first.request_id, "".join(delta.text for delta in deltas), token_ids, last.finish_reason,
+                   logprobs, first.num_prompt_tokens)
