@@ -2,15 +2,16 @@
 
 `OpenAIIngress` (FastAPI) is thin: it parses the protocol, tokenizes (chat template included), streams
 server-sent events and turns every error into OpenAI's error format. Each `LoRAEngine` replica owns
-one engine: a driver actor and its workers.
+one engine: a driver in the replica's own process and its worker actors. An engine stream's items
+each carry several steps' deltas (the engine's `stream_interval_ms`); each becomes one event.
 
 Routing: an adapter request carries the adapter's name as Serve's multiplexed model id, so Serve sends
 it preferably to a replica that already served that adapter (warm slots and CPU cache) and spreads it
 only when those replicas are full (`max_ongoing_requests`); base-model requests go anywhere.
 
 Adapters live in the engines, not in the ingress: load, unload, list and stats are broadcast to every
-engine replica, and a replica that starts later copies the adapters its peers serve (their drivers are
-named actors), so any number of ingress replicas see the same adapters.
+engine replica, and a replica that starts later copies the adapters its running peers serve, so any
+number of ingress replicas see the same adapters.
 """
 
 import asyncio
@@ -154,6 +155,7 @@ class Choice:
     params: SamplingParams
     timer: ChoiceTimer
     stream: DeploymentResponseGenerator | None = None
+    opening: StreamDelta | None = None  # the first delta, which came with the engine's EngineStart
     replica_id: str = ""
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -168,6 +170,19 @@ class Choice:
         self.timer.on_tokens(len(delta.token_ids))
         if delta.finished:
             self.timer.finish()
+
+    async def deltas(self) -> AsyncIterator[StreamDelta]:
+        """The engine's deltas (each several steps merged), absorbed as they pass."""
+        if self.opening is not None:
+            delta, self.opening = self.opening, None
+            self.absorb(delta)
+            yield delta
+            if delta.finished:
+                return
+        assert self.stream is not None
+        async for delta in self.stream:
+            self.absorb(delta)
+            yield delta
 
 
 @dataclass
@@ -413,7 +428,7 @@ class OpenAIIngress:
                 choices.append(Choice(len(choices), prompt, params, self.metrics.timer(label)))
         generation = Generation(model, label, choices, random_id(endpoint.id_prefix))
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
-        opened = await asyncio.gather(*(self._open(handle, choice, adapter) for choice in choices),
+        opened = await asyncio.gather(*(self._open(handle, choice, adapter, body.stream) for choice in choices),
                                       return_exceptions=True)
         failures = [result for result in opened if isinstance(result, BaseException)]
         if failures:
@@ -424,18 +439,20 @@ class OpenAIIngress:
         return generation
 
     @staticmethod
-    async def _open(handle: DeploymentHandle, choice: Choice, adapter: str | None) -> None:
-        choice.stream = handle.generate.remote(choice.prompt_token_ids, choice.params, adapter)
+    async def _open(handle: DeploymentHandle, choice: Choice, adapter: str | None, stream: bool) -> None:
+        """Streamed, the engine's first item carries the first delta; not streamed, the engine sends the
+        whole completion as one item after this."""
+        choice.stream = handle.generate.remote(choice.prompt_token_ids, choice.params, adapter, stream)
         start = await choice.stream.__anext__()
         if isinstance(start, RayLoRAError):
             raise start
         choice.replica_id = start.replica_id
+        choice.opening = start.delta
 
     @staticmethod
     async def _drain(choice: Choice) -> None:
-        assert choice.stream is not None
-        async for delta in choice.stream:
-            choice.absorb(delta)
+        async for _ in choice.deltas():
+            pass
 
     @staticmethod
     def _close(generation: Generation) -> None:
@@ -445,15 +462,23 @@ class OpenAIIngress:
                 choice.stream.cancel()
 
     async def _merged(self, generation: Generation) -> AsyncIterator[tuple[Choice, StreamDelta]]:
-        """The choices' deltas interleaved as they arrive."""
+        """The choices' deltas interleaved as they arrive; one choice (the usual case) needs no tasks."""
+        if len(generation.choices) == 1:
+            choice = generation.choices[0]
+            try:
+                async for delta in choice.deltas():
+                    yield choice, delta
+            finally:
+                self._close(generation)
+            return
         queue: asyncio.Queue[tuple[Choice, StreamDelta | BaseException]] = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
             try:
-                async for delta in choice.stream:
-                    await queue.put((choice, delta))
+                async for delta in choice.deltas():
+                    queue.put_nowait((choice, delta))
             except Exception as exc:
-                await queue.put((choice, exc))
+                queue.put_nowait((choice, exc))
 
         tasks = [asyncio.create_task(pump(choice)) for choice in generation.choices]
         try:
@@ -462,7 +487,6 @@ class OpenAIIngress:
                 choice, item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                choice.absorb(item)
                 unfinished -= item.finished
                 yield choice, item
         finally:
