@@ -35,9 +35,9 @@ def plot_latency(report: Report, out: Path) -> None:
         series.append(("in-process", "--", ceilings))
     for side, style, runs in series:
         x = [s.delivered_tokens_per_s for s in runs]
-        axes[0].plot(x, [s.ttft.p50 for s in runs], style, marker="o", label=f"{side} TTFT p50")
-        axes[0].plot(x, [s.ttft.p99 for s in runs], style, marker="^", label=f"{side} TTFT p99")
-        axes[1].plot(x, [s.tpot.p50 for s in runs], style, marker="o", label=f"{side} TPOT p50")
+        axes[0].plot(x, [s.ttft.p50 for s in runs], style, color="C0", marker="o", label=f"{side} TTFT p50")
+        axes[0].plot(x, [s.ttft.p99 for s in runs], style, color="C1", marker="^", label=f"{side} TTFT p99")
+        axes[1].plot(x, [s.tpot.p50 for s in runs], style, color="C0", marker="o", label=f"{side} TPOT p50")
     for axis, title in zip(axes, ("time to first token", "time per output token")):
         if report.saturation_ceiling is not None:
             axis.axvline(report.saturation_ceiling.delivered_tokens_per_s, color="grey", linestyle=":",

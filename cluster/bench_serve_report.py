@@ -61,6 +61,10 @@ def _triple(p: Percentiles) -> str:
     return "n/a" if p.count == 0 else f"{p.p50:.1f} / {p.p90:.1f} / {p.p99:.1f}"
 
 
+def _number(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return ""
@@ -71,7 +75,7 @@ def _rows(http: RunStats, ceiling: RunStats | None) -> list[tuple[str, str, str,
     c = ceiling
     na = "n/a"
     return [
-        ("offered output tokens/s", f"{http.offered_tokens_per_s:.1f}", f"{c.offered_tokens_per_s:.1f}" if c else na, ""),
+        ("offered output tokens/s", _number(http.offered_tokens_per_s), _number(c.offered_tokens_per_s) if c else na, ""),
         ("delivered output tokens/s", f"{http.delivered_tokens_per_s:.1f}",
          f"{c.delivered_tokens_per_s:.1f}" if c else na,
          _ratio(http.delivered_tokens_per_s, c.delivered_tokens_per_s if c else None)),

@@ -20,6 +20,8 @@ ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("driver", "ray::Driver"),
     ("worker", "ray::Worker"),
     ("serve controller", "ray::ServeController"),
+    ("ray system", "ray::DashboardAgent"),
+    ("ray system", "ray::RuntimeEnvAgent"),
     ("other ray actors", "ray::"),
     ("ray system", "raylet"),
     ("ray system", "gcs_server"),

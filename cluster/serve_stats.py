@@ -4,7 +4,9 @@ Definitions (the same for the HTTP runs and the in-process ceiling):
 - TTFT: send to first token; TPOT: (e2e - TTFT) / (tokens - 1), per request; e2e: send to last token.
 - inter-token latency: each chunk's gap to the previous one divided evenly over the chunk's tokens,
   one value per token (a coalesced chunk of k tokens counts as k gaps of gap/k).
-- offered tokens/s: the requested output tokens over the arrival span (N / rate).
+- offered requests/s: the arrivals' realized rate, (N - 1) / last arrival time (a short Poisson
+  run strays from the nominal `rate`, kept as `rate`); offered tokens/s: that times the mean
+  requested output length.
 - delivered tokens/s: tokens received during the steady window, from `warmup_fraction` of the
   arrival span to the last arrival, over the window's length. A server that keeps up delivers
   what is offered there; the ramp-up at the start and the drain after the last arrival (which
@@ -101,9 +103,11 @@ def summarize(label: str, rate: float, timings: list[RequestTiming], slo: Slo,
         delivered_requests, delivered_tokens = len(ok) / makespan, total_tokens / makespan
         window = (start, end)
     else:
-        span = len(timings) / rate
-        offered_requests, offered_tokens = rate, sum(t.output_len for t in timings) / span
         last_arrival = max(t.scheduled_s for t in timings)
+        # The rate the arrivals really had (a short Poisson run strays from the nominal one), which
+        # is what a server that keeps up delivers.
+        offered_requests = (len(timings) - 1) / last_arrival if len(timings) > 1 and last_arrival > 0 else rate
+        offered_tokens = offered_requests * sum(t.output_len for t in timings) / len(timings)
         window = (last_arrival * warmup_fraction, last_arrival)
         if window[1] - window[0] < 1e-6:  # a single request: the whole run is the window
             window = (start, end)

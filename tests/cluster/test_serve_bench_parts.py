@@ -81,7 +81,7 @@ def test_percentiles_and_goodput():
     failed = RequestTiming(99, 5, scheduled_s=1.0, sent_s=1.0, status=503, error="busy")
     stats = summarize("x", 4.0, fast + slow + [failed], Slo(ttft_ms=500, tpot_ms=200))
     assert stats.completed == 20 and stats.errors == {"503": 1}
-    assert stats.offered_tokens_per_s == pytest.approx(4.0 * (40 + 5) / 21)
+    assert stats.offered_tokens_per_s == pytest.approx(20 / 4.5 * (40 + 5) / 21)  # realized: 21 arrivals in 4.5 s
     assert stats.goodput_requests_per_s == pytest.approx(10 / stats.makespan_s)
     assert stats.ttft.p50 == pytest.approx(1050.0)
     burst = summarize("burst", math.inf, fast, Slo())
@@ -93,6 +93,7 @@ def test_process_roles_from_ray_titles():
     assert role_of("ray::ServeReplica:raylora:OpenAIIngress") == "ingress"
     assert role_of("ray::ServeReplica:raylora:LoRAEngine.generate") == "engine replica"
     assert role_of("ray::Driver.run") == "driver" and role_of("ray::WorkerActor") == "worker"
+    assert role_of("ray::DashboardAgent") == "ray system" and role_of("ray::IDLE") == "other ray actors"
     assert role_of("/usr/bin/python something.py") is None
     before = CpuSnapshot({1: ("proxy", 1.0), 2: ("worker", 5.0)})
     after = CpuSnapshot({1: ("proxy", 1.5), 2: ("worker", 7.0), 3: ("ingress", 0.25)})
