@@ -12,4 +12,11 @@ def launch(config: EngineConfig, name: str | None = None):
     return _launch(config, name)
 
 
-__all__ = ["EngineConfig", "GenerationOutput", "SamplingParams", "StreamDelta", "launch"]
+def connect(app_name: str = "raylora"):
+    """A `ray.get` handle to a running Serve application's engines (its gateway actor)."""
+    from cluster.gateway import connect as _connect
+
+    return _connect(app_name)
+
+
+__all__ = ["EngineConfig", "GenerationOutput", "SamplingParams", "StreamDelta", "connect", "launch"]
