@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 from cluster.config import EngineConfig
 from cluster.delta_buffer import DeltaBuffer
 from cluster.engine import EngineCore, EngineLimits
-from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from cluster.lora_registry import AdapterInfo, LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
@@ -333,12 +333,8 @@ class Driver:
                 await self._recover(self._worker_failure)
                 continue
             assert self.engine is not None
-            if len(in_flight) < depth:
-                batch = self.engine.schedule()
-                if batch is not None:
-                    in_flight.append((batch, self.workers.submit(self.engine.build_step(batch))))
-                    self._step_in_flight = True
-                    continue
+            if len(in_flight) < depth and self._send_next_step(in_flight):
+                continue
             if not in_flight:
                 self._step_in_flight = False
                 self._wakeup.clear()
@@ -355,6 +351,35 @@ class Driver:
                 pending = self._pending.get(delta.request_id)
                 if pending is not None:
                     pending.deltas.put_nowait(delta)
+            self._fail_requests(self.engine.take_failed_requests())
+
+    def _send_next_step(self, in_flight: deque[tuple[ScheduledBatch, asyncio.Future]]) -> bool:
+        """Schedule, build and send the next step; False when there is none. A step that cannot be
+        built fails its own requests (logged), never the loop or the other requests."""
+        assert self.engine is not None
+        batch = None
+        try:
+            batch = self.engine.schedule()
+            if batch is None:
+                return False
+            step = self.engine.build_step(batch)
+        except Exception:
+            logger.exception("building a step failed; failing its requests")
+            failed = [seq.request_id for seq in batch.seqs] if batch else list(self.engine.requests)
+            for request_id in failed:
+                self.engine.abort(request_id)
+            self._fail_requests(failed)
+            return True
+        in_flight.append((batch, self.workers.submit(step)))
+        self._step_in_flight = True
+        return True
+
+    def _fail_requests(self, request_ids: list[str]) -> None:
+        error = RequestFailedError("the engine failed while serving this request: retry it")
+        for request_id in request_ids:
+            pending = self._pending.get(request_id)
+            if pending is not None:
+                pending.deltas.put_nowait(error)
 
     @staticmethod
     async def _drop_in_flight(in_flight: deque[tuple[ScheduledBatch, asyncio.Future]], timeout_s: float = 5.0) -> None:
@@ -390,9 +415,9 @@ class Driver:
         registered adapter back into their CPU caches.
         """
         logger.error("worker failure, rebuilding the worker group: %s", failure)
-        self._unavailable = f"rebuilding workers after a failure: {failure}"
+        self._unavailable = "rebuilding workers after a worker failure"  # callers see this: no Ray internals
         self._unavailable_since = time.monotonic()
-        error = EngineDeadError(f"a worker failed while serving this request ({failure}): retry it")
+        error = EngineDeadError("a worker failed while serving this request: retry it")
         for pending in list(self._pending.values()):
             pending.deltas.put_nowait(error)
         self.workers.shutdown()
@@ -403,7 +428,7 @@ class Driver:
                 break
             except Exception as exc:
                 logger.exception("rebuilding the worker group failed; retrying")
-                self._unavailable = f"rebuilding workers failed: {exc}"
+                self._unavailable = f"rebuilding workers failed ({type(exc).__name__}); retrying"
                 self.workers.shutdown()
                 await asyncio.sleep(2.0)
         for lora in self.loras.list():

@@ -7,6 +7,7 @@ owns every decision (what runs, where its K/V lives, when it stops); workers onl
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,8 @@ from lora.request import LoRARequest
 from lora.slots import SlotLoad, SlotTable
 from workers.models.config import ModelConfig
 from workers.step import SamplingBatch, StepInput, StepOutput, cache_slots
+
+logger = logging.getLogger(__name__)
 
 
 def eos_token_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase, model_eos: list[int]) -> frozenset[int]:
@@ -95,6 +98,7 @@ class EngineCore:
         self.requests: dict[str, RequestState] = {}
         self._seq_ids = itertools.count()
         self._sampled_rows: dict[int, int] = {}  # seq_id -> its row in the last step built, if it samples
+        self.failed_requests: list[str] = []
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -235,7 +239,11 @@ class EngineCore:
         )
 
     def process_output(self, batch: ScheduledBatch, output: StepOutput) -> list[StreamDelta]:
-        """Append each sampled token, detokenize, apply stop rules; return what each request gained."""
+        """Append each sampled token, detokenize, apply stop rules; return what each request gained.
+
+        A request whose tokens cannot be processed (a tokenizer failing on them, say) is aborted
+        and listed in `failed_requests`; the others in the step go on.
+        """
         deltas = []
         for row, seq in enumerate(batch.seqs):
             if not batch.samples[row]:  # a prefill chunk short of the prompt's end: nothing sampled
@@ -244,17 +252,32 @@ class EngineCore:
             state = self.requests.get(seq.request_id)
             if state is None or seq.is_finished:  # aborted while the step was in flight
                 continue
-            reason = None
-            for column in range(output.token_ids.shape[1]):  # tokens past a finish are dropped
-                reason = self._append_token(state, output, row, column)
-                if reason is not None:
-                    break
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            deltas.append(self._delta(state))
-            if reason is not None:
-                del self.requests[seq.request_id]
+            try:
+                deltas.append(self._process_row(state, output, row))
+            except Exception:
+                logger.exception("processing the output of request %s failed; aborting it", seq.request_id)
+                self.abort(seq.request_id)
+                self.failed_requests.append(seq.request_id)
         return deltas
+
+    def _process_row(self, state: RequestState, output: StepOutput, row: int) -> StreamDelta:
+        seq = state.seq
+        reason = None
+        for column in range(output.token_ids.shape[1]):  # tokens past a finish are dropped
+            reason = self._append_token(state, output, row, column)
+            if reason is not None:
+                break
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        delta = self._delta(state)
+        if reason is not None:
+            del self.requests[seq.request_id]
+        return delta
+
+    def take_failed_requests(self) -> list[str]:
+        """Requests aborted because the engine failed on them since the last call."""
+        failed, self.failed_requests = self.failed_requests, []
+        return failed
 
     def _append_token(self, state: RequestState, output: StepOutput, row: int, column: int) -> str | None:
         """Add one sampled token to the request; return its finish reason, if it finished."""

@@ -53,6 +53,13 @@ class EngineDeadError(RayLoRAError):
     error_type = "engine_unavailable"
 
 
+class RequestFailedError(RayLoRAError):
+    """The engine failed on this request alone; the other requests and the engine go on."""
+
+    status = 500
+    error_type = "internal_error"
+
+
 def as_raylora_error(exc: BaseException) -> RayLoRAError | None:
     """The RayLoRAError behind `exc`, however many Ray hops wrapped it."""
     from ray.exceptions import RayTaskError

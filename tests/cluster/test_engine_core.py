@@ -1,0 +1,75 @@
+"""The engine core without Ray or a model: what a step carries, and per-request failure isolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from cluster.detokenizer import IncrementalDetokenizer
+from cluster.engine import EngineCore, EngineLimits
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import SchedulerLimits
+from cluster.synthetic import write_word_tokenizer
+from workers.step import StepOutput
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    write_word_tokenizer(directory, 64)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def make_core(tokenizer, budget: int = 8, chunked: bool = True) -> EngineCore:
+    limits = EngineLimits(
+        max_model_len=64, vocab_size=64, block_size=4, num_blocks=32,
+        scheduler=SchedulerLimits(8, budget, 1, enable_chunked_prefill=chunked, max_model_len=64),
+        eos_token_ids=frozenset({2}),
+    )
+    return EngineCore(limits, tokenizer)
+
+
+def sampled(*token_ids: int) -> StepOutput:
+    return StepOutput(token_ids=np.array(token_ids, dtype=np.int64)[:, None])
+
+
+def test_chunked_step_with_a_token_in_flight_names_its_previous_row(tokenizer):
+    core = make_core(tokenizer)
+    core.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0), noise_seed=1)
+    first = core.schedule()
+    step_one = core.build_step(first)
+    assert step_one.input_ids.tolist() == [5, 6, 7] and step_one.prev_token_rows is None
+    core.add_request("b", list(range(10, 20)), SamplingParams(max_tokens=4, temperature=0), noise_seed=2)
+    second = core.schedule()  # sent before step one returned: a's token is still in flight
+    step_two = core.build_step(second)
+    # a decodes its in-flight token (row 0 of step one), b's first 7-token chunk follows
+    assert step_two.positions.tolist() == [3, *range(7)]
+    assert step_two.prev_token_rows.tolist() == [0] + [-1] * 7
+    assert step_two.input_ids.tolist()[1:] == list(range(10, 17))
+    assert second.samples == [True, False] and step_two.sampling.noise_step.tolist() == [1, 0]
+    deltas = core.process_output(first, sampled(30))
+    assert [d.token_ids for d in deltas] == [[30]]
+    assert core.process_output(second, sampled(31, 99)) and core.requests["b"].seq.output_token_ids == []
+    third = core.build_step(core.schedule())
+    assert third.positions.tolist() == [4, 7, 8, 9] and third.prev_token_rows is None
+    assert third.input_ids.tolist() == [31, 17, 18, 19]
+
+
+def test_a_request_the_engine_fails_on_is_aborted_alone(tokenizer):
+    class FailingDetokenizer(IncrementalDetokenizer):
+        def add(self, token_id: int) -> str:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer that cannot decode this token")
+
+    core = make_core(tokenizer)
+    for request_id in ("good", "bad"):
+        core.add_request(request_id, [5, 6], SamplingParams(max_tokens=3, temperature=0), noise_seed=0)
+    bad = core.requests["bad"]
+    bad.detokenizer = FailingDetokenizer(tokenizer, [5, 6], True)
+    batch = core.schedule()
+    core.build_step(batch)
+    deltas = core.process_output(batch, sampled(9, 9))
+    assert [d.request_id for d in deltas] == ["good"]
+    assert core.take_failed_requests() == ["bad"] and core.take_failed_requests() == []
+    assert "bad" not in core.requests and bad.seq.is_finished and bad.seq.block_table == []
+    assert [seq.request_id for seq in core.scheduler.running] == ["good"]
