@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.config import EngineConfig
-from cluster.engine_deployment import LoRAEngine
+from cluster.engine_deployment import SINGLE_LOOP_ENV, LoRAEngine
 from cluster.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -215,7 +215,8 @@ class Endpoint:
     to_chunks: Callable[[Generation, SamplingRequest], AsyncIterator[BaseModel]]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
+                  max_ongoing_requests=1024)
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
@@ -427,7 +428,9 @@ class OpenAIIngress:
                 params = body.sampling_params(max_tokens, num_logprobs, sample)
                 choices.append(Choice(len(choices), prompt, params, self.metrics.timer(label)))
         generation = Generation(model, label, choices, random_id(endpoint.id_prefix))
-        handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
+        # gRPC to the engine replica instead of one Ray object per item: 0.14 -> 0.10 ms of the ingress's CPU
+        # per streamed token (scripts/serve_cpu.py); control calls keep Ray's transport.
+        handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "", _by_reference=False)
         opened = await asyncio.gather(*(self._open(handle, choice, adapter, body.stream) for choice in choices),
                                       return_exceptions=True)
         failures = [result for result in opened if isinstance(result, BaseException)]

@@ -15,6 +15,9 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections import defaultdict
@@ -68,6 +71,27 @@ def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     for pid, (group, seconds) in after.items():
         spent[group] += seconds - before.get(pid, (group, 0.0))[1]
     return dict(spent)
+
+
+def start_profilers(out_dir: Path, groups: tuple[str, ...] = SERVING_PATH) -> list[subprocess.Popen]:
+    """py-spy sampling each serving process (collapsed stacks, one file per process) until stopped."""
+    py_spy = shutil.which("py-spy") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for pid, (group, _) in cpu_snapshot().items():
+        if group in groups:
+            out = out_dir / f"{group}-{pid}.txt"
+            profilers.append(subprocess.Popen([py_spy, "record", "-p", str(pid), "-r", "250", "-f", "raw",
+                                               "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    time.sleep(1.0)  # attached before the load starts
+    return profilers
+
+
+def stop_profilers(profilers: list[subprocess.Popen]) -> None:
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+    for profiler in profilers:
+        profiler.wait(timeout=60)
 
 
 def workload(num: int, seed: int, output_len: tuple[int, int]) -> list[tuple[list[int], int]]:
@@ -140,14 +164,17 @@ def measure_python_api(settings: dict, requests: list[tuple[list[int], int]]) ->
     try:
         ray.get(driver.generate.remote([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0)))
         params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for _, m in requests]
+        before = cpu_snapshot()
         started = time.perf_counter()
         outputs = ray.get(driver.generate.remote([p for p, _ in requests], params))
         elapsed = time.perf_counter() - started
+        spent = cpu_spent(before, cpu_snapshot())
     finally:
         ray.get(driver.shutdown.remote())
         ray.kill(driver)
     tokens = sum(len(output.token_ids) for output in outputs)
-    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+    per_token_ms = {group: 1000 * seconds / tokens for group, seconds in sorted(spent.items())}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "cpu_ms_per_token": per_token_ms}
 
 
 def main() -> None:
@@ -160,6 +187,7 @@ def main() -> None:
     parser.add_argument("--engine-json", default="{}", help="extra EngineConfig fields as JSON")
     parser.add_argument("--rounds", type=int, default=1, help="timed rounds of each kind")
     parser.add_argument("--skip-python-api", action="store_true")
+    parser.add_argument("--profile-dir", type=Path, help="py-spy the serving processes during one more streamed round")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -184,6 +212,10 @@ def main() -> None:
                 figures = measure_http(url, requests, stream)
                 results["http"].append(figures)
                 print(json.dumps(figures), flush=True)
+        if args.profile_dir:
+            profilers = start_profilers(args.profile_dir)
+            asyncio.run(http_round(url, requests, stream=True))
+            stop_profilers(profilers)
         serve.delete("serve-cpu")
         if not args.skip_python_api:
             results["python_api"] = measure_python_api(settings, requests)
