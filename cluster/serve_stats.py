@@ -4,13 +4,13 @@ Definitions (the same for the HTTP runs and the in-process ceiling):
 - TTFT: send to first token; TPOT: (e2e - TTFT) / (tokens - 1), per request; e2e: send to last token.
 - inter-token latency: each chunk's gap to the previous one divided evenly over the chunk's tokens,
   one value per token (a coalesced chunk of k tokens counts as k gaps of gap/k).
-- offered requests/s: the arrivals' realized rate, (N - 1) / last arrival time (a short Poisson
-  run strays from the nominal `rate`, kept as `rate`); offered tokens/s: that times the mean
-  requested output length.
-- delivered tokens/s: tokens received during the steady window, from `warmup_fraction` of the
-  arrival span to the last arrival, over the window's length. A server that keeps up delivers
-  what is offered there; the ramp-up at the start and the drain after the last arrival (which
-  would bias a short run) are left out. `makespan_tokens_per_s` (all tokens / first send to
+- steady window: from `warmup_fraction` of the arrival span to the last arrival; the ramp-up at
+  the start and the drain after the last arrival (which would bias a short run) are left out.
+- offered requests/s and tokens/s: the requests arriving in the window and the output tokens
+  they ask for, over the window's length (a short Poisson run strays from the nominal `rate`,
+  kept as `rate`).
+- delivered tokens/s: tokens received in the window over its length; a server that keeps up
+  delivers what is offered there, give or take the requests straddling its edges. `makespan_tokens_per_s` (all tokens / first send to
   last token, vllm's "output throughput") is kept too, and is the figure for all-at-once runs.
 - goodput: requests meeting both SLOs (TTFT and TPOT; either may be unset), per second of makespan.
 - running: the time-averaged number of requests between their first and last token in the
@@ -104,13 +104,14 @@ def summarize(label: str, rate: float, timings: list[RequestTiming], slo: Slo,
         window = (start, end)
     else:
         last_arrival = max(t.scheduled_s for t in timings)
-        # The rate the arrivals really had (a short Poisson run strays from the nominal one), which
-        # is what a server that keeps up delivers.
-        offered_requests = (len(timings) - 1) / last_arrival if len(timings) > 1 and last_arrival > 0 else rate
-        offered_tokens = offered_requests * sum(t.output_len for t in timings) / len(timings)
         window = (last_arrival * warmup_fraction, last_arrival)
         if window[1] - window[0] < 1e-6:  # a single request: the whole run is the window
             window = (start, end)
+        # What arrived in the window, as asked (a short Poisson run strays from the nominal rate):
+        # a server that keeps up delivers that in the same window, give or take the edges.
+        arrived = [t for t in timings if window[0] <= t.scheduled_s < window[1]] or timings
+        offered_requests = len(arrived) / (window[1] - window[0])
+        offered_tokens = sum(t.output_len for t in arrived) / (window[1] - window[0])
         delivered_tokens = tokens_in(timings, *window) / (window[1] - window[0])
         finished = sum(1 for t in ok if window[0] <= (t.finished_s or 0) <= window[1])
         delivered_requests = finished / (window[1] - window[0])

@@ -81,7 +81,7 @@ def test_percentiles_and_goodput():
     failed = RequestTiming(99, 5, scheduled_s=1.0, sent_s=1.0, status=503, error="busy")
     stats = summarize("x", 4.0, fast + slow + [failed], Slo(ttft_ms=500, tpot_ms=200))
     assert stats.completed == 20 and stats.errors == {"503": 1}
-    assert stats.offered_tokens_per_s == pytest.approx(20 / 4.5 * (40 + 5) / 21)  # realized: 21 arrivals in 4.5 s
+    assert stats.offered_tokens_per_s == pytest.approx((14 * 2 + 5) / 3.6)  # arrivals in the window [0.9, 4.5)
     assert stats.goodput_requests_per_s == pytest.approx(10 / stats.makespan_s)
     assert stats.ttft.p50 == pytest.approx(1050.0)
     burst = summarize("burst", math.inf, fast, Slo())

@@ -52,3 +52,18 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit, match=r"raylora\[bench\]"):
         bench_main(["serve", "--plot", "out.png", "--base-url", "http://127.0.0.1:1"])
+
+
+def test_bench_serve_target_half_load(server, tmp_path):
+    """--target-load half: the in-process saturation first, then one run at half its throughput."""
+    out = tmp_path / "half.json"
+    assert bench_main([
+        "serve", "--base-url", server.url, "--api-key", server.api_key, "--num-adapters", "1",
+        "--target-load", "half", "--num-requests", "4", "--input-len", "4", "8", "--output-len", "2", "4",
+        "--threads", "1", "--skip", "saturation", "burst", "--no-progress", "--json", str(out),
+    ]) == 0
+    figures = json.loads(out.read_text())
+    saturation = figures["saturation"]["ceiling"]["delivered_tokens_per_s"]
+    (run,) = figures["runs"]
+    assert run["rate"] == pytest.approx(0.5 * saturation / 3.0, rel=0.5)  # outputs of 2-4 tokens, ~3 on average
+    assert run["http"]["completed"] == 4 and figures["saturation"]["http"] is None
