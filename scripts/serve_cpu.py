@@ -52,9 +52,10 @@ def process_group(process: psutil.Process) -> str | None:
 
 
 def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    """pid -> (group, user + system CPU seconds) of every Ray process we recognise."""
+    """pid -> (group, user + system CPU seconds) of this run's Ray processes (the local Ray this script
+    started is its child tree, so other Ray instances on the machine do not count)."""
     snapshot = {}
-    for process in psutil.process_iter():
+    for process in psutil.Process().children(recursive=True):
         group = process_group(process)
         if group is None:
             continue
