@@ -188,9 +188,10 @@ class Gateway:
 
     async def _one(self, index: int, prompt: Prompt, params: SamplingParams, adapter: str | None,
                    count: int) -> GenerationOutput:
-        """One prompt through the engine's stream (EngineStart, then deltas), collected whole."""
+        """One prompt through the engine's stream, not streamed: EngineStart once accepted, then the whole
+        completion as one item (the engine holds the deltas until the request finishes)."""
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "")
-        stream = handle.generate.remote(prompt, params, adapter)
+        stream = handle.generate.remote(prompt, params, adapter, stream=False)
         finished = False
         try:
             start = await stream.__anext__()
@@ -199,8 +200,7 @@ class Gateway:
                 if isinstance(error, InvalidRequestError) and count > 1:
                     raise InvalidRequestError(f"prompt {index}: {error.message}", error.param) from None
                 raise start
-            first = getattr(start, "delta", None)  # engines that send the first delta with the start
-            deltas: list[StreamDelta] = [first] if first is not None else []
+            deltas: list[StreamDelta] = [start.delta] if start.delta is not None else []
             finished = bool(deltas) and deltas[-1].finished
             while not finished:
                 delta = await stream.__anext__()
