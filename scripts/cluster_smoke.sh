@@ -4,7 +4,7 @@
 # `openai` client, a `ray job` that completes prompts with `ray.get` on the serving engines, `serve
 # shutdown`, `ray down`, and a check that no Ray process, actor, placement group or listening port is left.
 #
-#   ./scripts/cluster_smoke.sh           # as root (it installs and starts sshd); about 5 minutes on 2 cores
+#   ./scripts/cluster_smoke.sh           # as root (it installs and starts sshd); about 2 minutes on 2 cores
 #
 # Each step prints its duration; a failing step prints its log tail, tears the cluster down (unless
 # RAYLORA_SMOKE_KEEP=1) and exits 1. A rerun first cleans up whatever an earlier run left. Logs, the
