@@ -145,7 +145,7 @@ cleanup() {
     kill -9 "$pid" 2>/dev/null || true
   done
   rm -rf "$RAY_TMP" "/tmp/cluster-$CLUSTER_NAME.state" "/tmp/cluster-$CLUSTER_NAME.lock"
-  if grep -qs "cluster_name: $CLUSTER_NAME" ~/ray_bootstrap_config.yaml; then
+  if grep -qsF "\"cluster_name\": \"$CLUSTER_NAME\"" ~/ray_bootstrap_config.yaml; then  # JSON, by ray up
     rm -f ~/ray_bootstrap_config.yaml ~/ray_bootstrap_key.pem
   fi
   rm -f "$KEY" "$KEY.pub" "$STATE/authorized_keys" "$STATE/auth_token"
