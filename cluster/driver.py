@@ -34,6 +34,7 @@ from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidReques
 from cluster.lora_registry import AdapterInfo, LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
+from cluster.prompts import aligned
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch
 from cluster.worker_group import WorkerGroup
@@ -44,15 +45,6 @@ from workers.models.config import load_model_config
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-
-
-def _aligned(value: Any, count: int, what: str) -> list[Any]:
-    """One value for every prompt, or a list with one per prompt."""
-    if isinstance(value, list):
-        if len(value) != count:
-            raise InvalidRequestError(f"{what} has {len(value)} entries for {count} prompts", param=what)
-        return value
-    return [value] * count
 
 
 @dataclass
@@ -234,8 +226,8 @@ class Driver:
         """Complete every prompt; one output per prompt, in order."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
-        params_list = _aligned(sampling_params, len(prompt_list), "sampling_params")
-        lora_list = _aligned(lora_request, len(prompt_list), "lora_request")
+        params_list = aligned(sampling_params, len(prompt_list), "sampling_params")
+        lora_list = aligned(lora_request, len(prompt_list), "lora_request")
         request_ids = [uuid.uuid4().hex for _ in prompt_list]
         try:
             for index, (prompt, params, lora, request_id) in enumerate(zip(prompt_list, params_list, lora_list, request_ids)):

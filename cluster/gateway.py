@@ -20,8 +20,10 @@ from typing import Any
 
 import ray
 
+from cluster.engine_replicas import EngineReplicas
 from cluster.errors import InvalidRequestError, ModelNotFoundError, RayLoRAError, as_raylora_error
 from cluster.outputs import GenerationOutput, StreamDelta, TokenLogprob
+from cluster.prompts import aligned
 from cluster.sampling_params import SamplingParams
 from lora.request import LoRARequest
 
@@ -29,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 GATEWAY_NAMESPACE = "raylora"
 ENGINE_DEPLOYMENT = "LoRAEngine"
-CONTROL_TIMEOUT_S = 120.0
 WATCH_INTERVAL_S = 5.0
 
 Prompt = str | list[int]
@@ -42,15 +43,6 @@ def gateway_name(app_name: str) -> str:
 
 def _is_token_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def _aligned(value: Any, count: int, what: str) -> list[Any]:
-    """One value for every prompt, or a list with one per prompt (the driver's rule)."""
-    if isinstance(value, list):
-        if len(value) != count:
-            raise InvalidRequestError(f"{what} has {len(value)} entries for {count} prompts", param=what)
-        return value
-    return [value] * count
 
 
 def _joined(request_id: str, prompt: Prompt, deltas: list[StreamDelta], lora_name: str | None,
@@ -79,7 +71,7 @@ class Gateway:
 
         self.app_name = app_name
         self.engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name)
-        self._base_name: str | None = None
+        self.replicas = EngineReplicas(self.engine)
         self._watch: asyncio.Task | None = None
 
     async def ready(self) -> str:
@@ -106,46 +98,23 @@ class Gateway:
 
     async def info(self) -> dict[str, Any]:
         """What one engine replica serves (served model name, max_model_len, device, ...)."""
-        return await self.engine.info.remote()
+        return await self.replicas.info()
 
     async def _base(self) -> str:
-        if self._base_name is None:
-            self._base_name = (await self.info())["served_model_name"]
-        return self._base_name
-
-    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        """Call `method` on every engine replica; exceptions come back as list items."""
-        await self.info()  # a first routed call makes the handle learn the replicas
-        response = self.engine.broadcast(method, *args)
-        return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+        return (await self.replicas.info())["served_model_name"]
 
     # ---- adapters: every replica, as the HTTP endpoints do ----------------------------------------
 
     async def list_loras(self) -> list[LoRARequest]:
-        """Union over replicas (they agree unless one is mid-load)."""
-        by_name: dict[str, LoRARequest] = {}
-        for result in await self._broadcast("list_adapters"):
-            if isinstance(result, list):
-                by_name |= {lora.lora_name: lora for lora in result}
-        return list(by_name.values())
+        return await self.replicas.adapters()
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Validated by every replica before it serves; if one refuses, the load is undone everywhere."""
-        results = await self._broadcast("add_adapter", lora_name, lora_path)
-        failures = [result for result in results if isinstance(result, BaseException)]
-        if failures:
-            await self._broadcast("remove_adapter", lora_name)
-            raise as_raylora_error(failures[0]) or failures[0]
-        return results[0]
+        return await self.replicas.add_adapter(lora_name, lora_path)
 
     async def remove_lora(self, lora_name: str) -> bool:
         """Unlist an adapter on every replica; requests already running with it finish."""
-        results = await self._broadcast("remove_adapter", lora_name)
-        errors = [result for result in results if isinstance(result, BaseException)]
-        if errors:
-            raise as_raylora_error(errors[0]) or errors[0]
-        if not any(results):
-            raise ModelNotFoundError(f"the adapter {lora_name!r} is not loaded", param="lora_request")
+        await self.replicas.remove_adapter(lora_name, param="lora_request")
         return True
 
     # ---- requests -------------------------------------------------------------------------------
@@ -172,8 +141,8 @@ class Gateway:
         """Complete every prompt; one output per prompt, in order (as the driver's `generate`)."""
         single = isinstance(prompts, str) or _is_token_ids(prompts)
         prompt_list: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
-        params_list = _aligned(sampling_params, len(prompt_list), "sampling_params")
-        lora_list = _aligned(lora_request, len(prompt_list), "lora_request")
+        params_list = aligned(sampling_params, len(prompt_list), "sampling_params")
+        lora_list = aligned(lora_request, len(prompt_list), "lora_request")
         known = None
         if any(isinstance(lora, LoRARequest) for lora in lora_list):
             known = {lora.lora_name for lora in await self.list_loras()}

@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.config import EngineConfig
 from cluster.engine_deployment import SINGLE_LOOP_ENV, LoRAEngine
+from cluster.engine_replicas import EngineReplicas
 from cluster.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -68,7 +69,6 @@ from cluster.openai_protocol import (
 from cluster.outputs import StreamDelta, TokenLogprob
 from cluster.sampling_params import SamplingParams
 from cluster.server_metrics import CONTENT_TYPE, ChoiceTimer, ServerMetrics
-from lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ RUNTIME_LORA_ENV = "RAYLORA_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "RAYLORA_API_KEY"
 REPLICA_HEADER = "x-raylora-replica"
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CONTROL_TIMEOUT_S = 120.0
 
 
 def runtime_lora_updating_allowed(config: EngineConfig, environ: dict[str, str] | None = None) -> bool:
@@ -229,7 +228,7 @@ class OpenAIIngress:
         self.allow_runtime_updates = runtime_lora_updating_allowed(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
         self.metrics = ServerMetrics()
-        self._engine_info: dict[str, Any] | None = None
+        self.replicas = EngineReplicas(engine)
         self.completions = Endpoint("cmpl", DEFAULT_COMPLETION_MAX_TOKENS, self._completion_json, self._completion_chunks)
         self.chat_completions = Endpoint("chatcmpl", None, self._chat_json, self._chat_chunks)
 
@@ -264,64 +263,36 @@ class OpenAIIngress:
         return await self._respond(body, [self._chat_prompt(body)], body.num_logprobs, self.chat_completions)
 
     async def list_models(self) -> ModelList:
-        info = await self._info()
+        info = await self.replicas.info()
         cards = [ModelCard(id=self.base_model, root=self.config.model, max_model_len=info["max_model_len"])]
         cards += [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=self.base_model)
-                  for lora in await self._adapters()]
+                  for lora in await self.replicas.adapters()]
         return ModelList(data=cards)
 
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         """Validated in every replica's driver before it is listed; any failure undoes the load."""
         self._check_runtime_updates()
-        if any(lora.lora_name == body.lora_name for lora in await self._adapters()):
+        if any(lora.lora_name == body.lora_name for lora in await self.replicas.adapters()):
             raise InvalidRequestError(f"the adapter {body.lora_name!r} is already loaded: unload it first",
                                       param="lora_name")
-        results = await self._broadcast("add_adapter", body.lora_name, body.lora_path)
-        failures = [result for result in results if isinstance(result, BaseException)]
-        if failures:
-            await self._broadcast("remove_adapter", body.lora_name)
-            raise failures[0]
+        await self.replicas.add_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         self._check_runtime_updates()
-        results = await self._broadcast("remove_adapter", body.lora_name)
-        errors = [result for result in results if isinstance(result, BaseException)]
-        if errors:
-            raise errors[0]
-        if not any(results):
-            raise ModelNotFoundError(f"the adapter {body.lora_name!r} is not loaded", param="lora_name")
+        await self.replicas.remove_adapter(body.lora_name, param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def health(self) -> Response:
-        await self._info(refresh=True)
+        await self.replicas.info(refresh=True)
         return Response(status_code=200)
 
     async def render_metrics(self) -> Response:
-        results = await self._broadcast("stats")
+        results = await self.replicas.broadcast("stats")
         stats = [result for result in results if isinstance(result, dict)]
         return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
 
     # ---- engine access ------------------------------------------------------------------------
-
-    async def _info(self, refresh: bool = False) -> dict[str, Any]:
-        if self._engine_info is None or refresh:
-            self._engine_info = await self.engine.info.remote()
-        return self._engine_info
-
-    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        """Call `method` on every engine replica; exceptions come back as list items."""
-        await self._info()  # a first routed call makes the handle learn the replicas
-        response = self.engine.broadcast(method, *args)
-        return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
-
-    async def _adapters(self) -> list[LoRARequest]:
-        """Union over replicas (they agree unless one is mid-load)."""
-        by_name: dict[str, LoRARequest] = {}
-        for result in await self._broadcast("list_adapters"):
-            if isinstance(result, list):
-                by_name |= {lora.lora_name: lora for lora in result}
-        return list(by_name.values())
 
     def _check_runtime_updates(self) -> None:
         if not self.allow_runtime_updates:
@@ -363,7 +334,7 @@ class OpenAIIngress:
 
     async def _max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
         """vLLM's rule: prompt plus max_tokens must fit max_model_len; unset means what fits."""
-        max_model_len = (await self._info())["max_model_len"]
+        max_model_len = (await self.replicas.info())["max_model_len"]
         room = max_model_len - prompt_len
         if room < 1:
             raise InvalidRequestError(
