@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server.add_argument("--max-lora-rank", type=int, default=16)
     server.add_argument("--max-num-seqs", type=int, default=64)
     server.add_argument("--num-scheduler-steps", type=int, default=1)
+    server.add_argument("--stream-interval-ms", type=float, default=50.0,
+                        help="how long the engine coalesces a streamed request's tokens into one item")
     server.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the in-process engine")
     workload = parser.add_argument_group("workload")
     workload.add_argument("--num-adapters", type=int, default=64, help="random rank-16 adapters on all 7 projections")
@@ -163,7 +165,8 @@ def engine_config(args: argparse.Namespace, model_dir: Path, adapters: dict[str,
                          max_cpu_loras=args.max_cpu_loras, lora_modules=adapters) if lora else {}
     return EngineConfig(
         model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-        num_scheduler_steps=args.num_scheduler_steps, cpu_kv_cache_bytes=384 << 20,
+        num_scheduler_steps=args.num_scheduler_steps, stream_interval_ms=args.stream_interval_ms,
+        cpu_kv_cache_bytes=384 << 20,
         torch_threads_per_worker=args.threads, max_model_len=max(args.input_len) + max(args.output_len),
         **lora_settings,
     )
