@@ -35,6 +35,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     num_steps: int = 1  # decode steps the workers run back to back
+    num_tokens: int = 0  # new tokens over all sequences: what the step takes of the token budget
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         """Schedule `num_new_tokens` of the sequence from its first uncomputed position."""
@@ -43,6 +44,7 @@ class ScheduledBatch:
         self.start_positions.append(start)
         self.num_new_tokens.append(num_new_tokens)
         self.samples.append(start + num_new_tokens >= seq.num_expected_tokens)
+        self.num_tokens += num_new_tokens
         seq.num_computed_tokens = start + num_new_tokens
 
     def reorder(self, order: list[int]) -> None:
@@ -58,10 +60,6 @@ class ScheduledBatch:
     @property
     def is_decode(self) -> bool:
         return all(count == 1 for count in self.num_new_tokens) and not self.is_prefill
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
 
 
 @dataclass(frozen=True)
