@@ -299,12 +299,7 @@ class Driver:
         """The whole completion, read once when it finished (no wake-up per step)."""
         pending = self._pending[request_id]
         delta = await pending.deltas.take(math.inf)
-        logprobs = (delta.logprobs or []) if pending.wants_logprobs else None
-        return GenerationOutput(
-            request_id=request_id, prompt_token_ids=pending.prompt_token_ids, text=delta.text,
-            token_ids=list(delta.token_ids), finish_reason=delta.finish_reason, logprobs=logprobs,
-            lora_name=pending.lora_name,
-        )
+        return GenerationOutput.of(delta, pending.prompt_token_ids, pending.lora_name, pending.wants_logprobs)
 
     # ---- the step loop --------------------------------------------------------------------
 

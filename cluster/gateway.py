@@ -22,7 +22,7 @@ import ray
 
 from cluster.engine_replicas import EngineReplicas
 from cluster.errors import InvalidRequestError, ModelNotFoundError, RayLoRAError, as_raylora_error
-from cluster.outputs import GenerationOutput, StreamDelta, TokenLogprob
+from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.prompts import aligned
 from cluster.sampling_params import SamplingParams
 from lora.request import LoRARequest
@@ -43,24 +43,6 @@ def gateway_name(app_name: str) -> str:
 
 def _is_token_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-
-def _joined(request_id: str, prompt: Prompt, deltas: list[StreamDelta], lora_name: str | None,
-            wants_logprobs: bool) -> GenerationOutput:
-    """One prompt's deltas as the driver's `GenerationOutput`. The engine tokenizes string prompts
-    itself, so their `prompt_token_ids` stay empty; token-id prompts keep theirs."""
-    logprobs: list[TokenLogprob] | None = None
-    if wants_logprobs:
-        logprobs = [entry for delta in deltas for entry in delta.logprobs or ()]
-    return GenerationOutput(
-        request_id=request_id,
-        prompt_token_ids=list(prompt) if _is_token_ids(prompt) else [],
-        text="".join(delta.text for delta in deltas),
-        token_ids=[token for delta in deltas for token in delta.token_ids],
-        finish_reason=deltas[-1].finish_reason if deltas else None,
-        logprobs=logprobs,
-        lora_name=lora_name,
-    )
 
 
 class Gateway:
@@ -180,7 +162,11 @@ class Gateway:
         finally:
             if not finished:
                 stream.cancel()
-        return _joined(start.request_id, prompt, deltas, adapter, params.logprobs is not None)
+        if not deltas:  # never: a finished stream ends with a finished delta
+            raise RayLoRAError("the engine ended the request without an answer")
+        # The engine tokenizes string prompts itself: only token-id prompts have prompt_token_ids here.
+        prompt_ids = list(prompt) if _is_token_ids(prompt) else []
+        return GenerationOutput.of(StreamDelta.merged(deltas), prompt_ids, adapter, params.logprobs is not None)
 
 
 GatewayActor = ray.remote(Gateway)

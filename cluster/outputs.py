@@ -27,6 +27,16 @@ class GenerationOutput:
     logprobs: list[TokenLogprob] | None = None
     lora_name: str | None = None
 
+    @classmethod
+    def of(cls, delta: StreamDelta, prompt_token_ids: list[int], lora_name: str | None,
+           wants_logprobs: bool) -> GenerationOutput:
+        """A finished request's whole completion, from its deltas merged into one."""
+        return cls(
+            request_id=delta.request_id, prompt_token_ids=prompt_token_ids, text=delta.text,
+            token_ids=list(delta.token_ids), finish_reason=delta.finish_reason,
+            logprobs=(delta.logprobs or []) if wants_logprobs else None, lora_name=lora_name,
+        )
+
 
 @dataclass
 class StreamDelta:

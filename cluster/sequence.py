@@ -59,10 +59,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
-    @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
     def token_slice(self, start: int, stop: int) -> list[int]:
         """Token ids at positions start..stop-1 (prompt, then output)."""
         prompt_len = len(self.prompt_token_ids)
@@ -71,9 +67,6 @@ class Sequence:
         if start >= prompt_len:
             return self.output_token_ids[start - prompt_len : stop - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt_len]
-
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def is_finished(self) -> bool:

@@ -73,10 +73,6 @@ class WorkerGroup:
         results = asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
         return asyncio.ensure_future(_first(results))
 
-    async def execute(self, step: StepInput) -> StepOutput:
-        """Every rank runs the step; rank 0 answers."""
-        return await self.submit(step)
-
     def prefetch_lora(self, lora: LoRARequest) -> list:
         """Every rank reads its slices into its CPU cache, beside the steps; returns the refs."""
         return [w.prefetch_lora.remote(lora) for w in self.workers]
