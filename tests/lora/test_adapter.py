@@ -255,13 +255,13 @@ def test_allowed_roots_resolve_symlinks(good_adapter: Path, model: ModelConfig, 
     inside = Path(shutil.copytree(good_adapter, root / "inside"))
     assert load(inside, model, allowed_roots=[str(root)]).path == str(inside.resolve())
     (root / "escape").symlink_to(good_adapter, target_is_directory=True)
-    with pytest.raises(InvalidRequestError, match="outside allowed_lora_roots"):
+    with pytest.raises(InvalidRequestError, match="not under an allowed root"):
         load(root / "escape", model, allowed_roots=[str(root)])
-    with pytest.raises(InvalidRequestError, match="outside allowed_lora_roots"):
+    with pytest.raises(InvalidRequestError, match="not under an allowed root"):
         load(good_adapter, model, allowed_roots=[str(root)])
     weights = inside / "adapter_model.safetensors"
     weights.unlink()
     weights.symlink_to(good_adapter / "adapter_model.safetensors")
-    with pytest.raises(InvalidRequestError, match="outside allowed_lora_roots"):
+    with pytest.raises(InvalidRequestError, match="not under an allowed root"):
         load(inside, model, allowed_roots=[str(root)])
     assert load(inside, model).rank == 4  # without roots, a symlinked file is fine
