@@ -107,6 +107,7 @@ def app_args(model: TinyModel) -> dict:
         "max_cpu_loras": 2, "lora_modules": {"alpha": str(model.adapters["alpha"])},
         "allow_runtime_lora_updating": True, "max_waiting_requests": 64,
         "allowed_lora_roots": [str(adapter_root(model))],
+        "expose_adapter_paths": True,  # `raylora bench serve --base-url` finds the files through /v1/models
     }
     return args | {"num_replicas": 2, "api_key": API_KEY}
 
@@ -129,13 +130,13 @@ def server(serve_instance, tiny_model) -> Server:
 @pytest.fixture(scope="session")
 def locked_server(serve_instance, tiny_model) -> Server:
     """A second, small application: no API key, no runtime adapter loading, one running and one waiting
-    request at most (so a third is refused with 503); the operator's opt-ins the main one lacks
-    (paths in /v1/models, per-request chat templates)."""
+    request at most (so a third is refused with 503); /v1/models without paths (the default) and
+    per-request chat templates allowed (trust_request_chat_template)."""
     engine = {
         "model": str(tiny_model.base), "served_model_name": BASE_NAME, "device": "cpu", "dtype": "float32",
         "max_model_len": MAX_MODEL_LEN, "block_size": 16, "cpu_kv_cache_bytes": "2MiB",
         "torch_threads_per_worker": 1, "num_cpus_per_worker": 0.5, "max_num_seqs": 1, "max_waiting_requests": 1,
-        "expose_adapter_paths": True, "trust_request_chat_template": True,
+        "trust_request_chat_template": True,
     }
     serve.run(build_app({"engine": engine}), name="locked", route_prefix="/locked")
     yield Server(serve_instance + "/locked", "", tiny_model, AutoTokenizer.from_pretrained(tiny_model.base))
