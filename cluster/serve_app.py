@@ -103,7 +103,7 @@ def describe_error(exc: BaseException) -> ErrorResponse:
 def error_response(exc: BaseException) -> JSONResponse:
     body = describe_error(exc)
     status = int(body.error.code)
-    if status >= 500 and as_raylora_error(exc) is None:
+    if status == 500 or (status > 500 and as_raylora_error(exc) is None):  # raylora's own 503s are expected
         logger.error("request failed (answered %d)", status, exc_info=exc)
     headers = {"Retry-After": "1"} if status == 503 else None  # tells clients the failure is temporary
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -492,7 +492,7 @@ class OpenAIIngress:
         except Exception as exc:
             error = describe_error(exc)
             status = str(error.error.code)
-            if error.error.code >= 500 and as_raylora_error(exc) is None:
+            if error.error.code == 500 or (error.error.code > 500 and as_raylora_error(exc) is None):
                 logger.error("stream failed (answered %s)", status, exc_info=exc)
             yield f"data: {error.model_dump_json()}\n\n"
         finally:
