@@ -168,6 +168,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, adapters: dict[str,
         num_scheduler_steps=args.num_scheduler_steps, stream_interval_ms=args.stream_interval_ms,
         cpu_kv_cache_bytes=384 << 20,
         torch_threads_per_worker=args.threads, max_model_len=max(args.input_len) + max(args.output_len),
+        expose_adapter_paths=True,  # the benchmark finds its own server's files through /v1/models
         **lora_settings,
     )
 
@@ -210,7 +211,8 @@ def http_json(url: str, api_key: str | None) -> Any:
 
 def describe_endpoint(base_url: str, api_key: str | None, model_dir: str | None, num_adapters: int) -> Endpoint:
     """The server's base model and first `num_adapters` adapters, from `/v1/models`; their paths
-    (`root`) serve the in-process engine when they exist on this host."""
+    (`root`, shown when the server sets expose_adapter_paths) serve the in-process engine when they
+    exist on this host."""
     cards = http_json(base_url.rstrip("/") + "/v1/models", api_key)["data"]
     base = next(card for card in cards if not card.get("parent"))
     adapters = [card for card in cards if card.get("parent")][:num_adapters]
@@ -349,7 +351,8 @@ def run(args: argparse.Namespace, scratch: Path) -> Report:
         ceiling_config = config.model_copy(update={"lora_modules": {}}) if started_here else mirror_config(args, endpoint)
         ceiling = Ceiling(ceiling_config, endpoint.adapter_names, [p for p in endpoint.adapter_paths if p is not None])
     elif "ceiling" not in args.skip:
-        print("no in-process ceiling: the server's model or adapters are not on this host", file=sys.stderr)
+        print("no in-process ceiling: the server's model or adapters are not on this host (or the server "
+              "does not show their paths: start it with expose_adapter_paths)", file=sys.stderr)
 
     def workload(count: int, rate: float) -> list[ServeRequest]:
         spec = WorkloadSpec(

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.adapter_names import adapter_name_problem
+
 MiB = 1024**2
 
 LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -222,6 +224,16 @@ class EngineConfig(BaseModel):
     allow_pickle_adapters: bool = Field(
         False, description="Accept adapter weights stored as pickle (.bin/.pt), which can run code on load."
     )
+    expose_adapter_paths: bool = Field(
+        False,
+        description="Show the base model's and each adapter's filesystem path as `root` in /v1/models (vLLM "
+        "does); off, `root` is null so clients learn nothing of the server's filesystem.",
+    )
+    trust_request_chat_template: bool = Field(
+        False,
+        description="Let a chat request replace the chat template (chat_template, chat_template_kwargs."
+        "chat_template), as vLLM's flag of that name; off, such a request is a 400.",
+    )
 
     # Admission control
     max_waiting_requests: int | None = Field(
@@ -346,6 +358,11 @@ def _find_problems(config: EngineConfig) -> list[str]:
         f"lora_modules entry {name!r} ({path!r}) needs a non-empty name and path: write it as name=path"
         for name, path in config.lora_modules.items()
         if not name.strip() or not path.strip()
+    ]
+    problems += [
+        f"lora_modules: {problem}"
+        for name in config.lora_modules
+        if name.strip() and (problem := adapter_name_problem(name)) is not None
     ]
     return problems
 

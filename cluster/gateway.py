@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from cluster.adapter_names import adapter_of_model_id
 from cluster.engine_replicas import EngineReplicas
 from cluster.errors import InvalidRequestError, ModelNotFoundError, RayLoRAError, as_raylora_error
 from cluster.outputs import GenerationOutput, StreamDelta
@@ -111,8 +112,7 @@ class Gateway:
                 await self.add_lora(lora.lora_name, lora.lora_path)
                 known.add(lora.lora_name)
             return lora.lora_name
-        base = await self._base()
-        return None if lora == base else lora.removeprefix(base + ":")
+        return adapter_of_model_id(lora, await self._base())  # "" or "base:" is a 400, not the base model
 
     async def generate(
         self,

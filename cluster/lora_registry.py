@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluster.adapter_names import adapter_of_model_id, check_adapter_name
 from cluster.errors import InvalidRequestError, ModelNotFoundError
 from lora.request import LoRARequest
 
@@ -29,14 +30,17 @@ class LoRARegistry:
         self._next_id = 1
 
     def add(self, name: str, path: str) -> LoRARequest:
-        if not name or name == self.base_model_name:
-            raise InvalidRequestError(f"adapter name {name!r} is empty or the base model's name", param="lora_name")
+        check_adapter_name(name)
+        if name == self.base_model_name:
+            raise InvalidRequestError(f"adapter name {name!r} is the base model's name: choose another",
+                                      param="lora_name")
         existing = self._by_name.get(name)
         if existing is not None:
             if existing.lora_path == path:
                 return existing
+            # the client is not told where the loaded one lives: paths stay on the server
             raise InvalidRequestError(
-                f"an adapter named {name!r} is already loaded from {existing.lora_path}: unload it first",
+                f"an adapter named {name!r} is already loaded from another path: unload it first",
                 param="lora_name",
             )
         info = self._validate(name, path)
@@ -67,10 +71,10 @@ class LoRARegistry:
 
     def resolve_model(self, model: str | None) -> LoRARequest | None:
         """A request's `model`: the base model's name (or none) -> None; an adapter's name, bare or
-        `base:adapter` (Ray Serve LLM's form), -> its LoRARequest."""
-        if not model or model == self.base_model_name:
+        `base:adapter` (Ray Serve LLM's form), -> its LoRARequest; an empty or malformed id -> 400."""
+        name = adapter_of_model_id(model, self.base_model_name)
+        if name is None:
             return None
-        name = model.split(":", 1)[1] if model.startswith(self.base_model_name + ":") else model
         request = self._by_name.get(name)
         if request is None:
             raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")

@@ -128,10 +128,15 @@ class TextPart(BaseModel):
     text: str
 
 
+# The roles OpenAI's chat API defines ("function" is its deprecated spelling of "tool"); any other
+# role would reach the chat template as something it was never written for.
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool fields etc. reach the chat template untouched
 
-    role: str
+    role: ChatRole
     content: str | list[TextPart] | None = None
 
     def template_dict(self) -> dict[str, Any]:
@@ -148,6 +153,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    chat_template: str | None = None  # vLLM's: honoured only with trust_request_chat_template
     chat_template_kwargs: dict[str, Any] | None = None
 
     @property

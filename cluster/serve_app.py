@@ -34,6 +34,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.adapter_names import adapter_of_model_id, check_adapter_name
+from cluster.chat_template_policy import chat_template_overrides
 from cluster.config import EngineConfig
 from cluster.engine_deployment import SINGLE_LOOP_ENV, LoRAEngine
 from cluster.engine_replicas import EngineReplicas
@@ -84,22 +86,25 @@ def runtime_lora_updating_allowed(config: EngineConfig, environ: dict[str, str] 
 
 
 def describe_error(exc: BaseException) -> ErrorResponse:
-    """Any failure as an OpenAI error body; `code` is its HTTP status."""
+    """Any failure as an OpenAI error body; `code` is its HTTP status. Only raylora's own errors,
+    written for clients, pass their message on: the text of Ray's and Python's errors carries actor
+    ids, pids, node addresses, paths and tracebacks, which stay in the operator's log."""
     error = as_raylora_error(exc)
     if error is not None:
         return ErrorResponse.from_error(error)
     if isinstance(exc, BackPressureError | DeploymentUnavailableError):
         return ErrorResponse.of(503, "the server is at capacity: retry later", "server_overloaded")
     if isinstance(exc, RayActorError):
-        return ErrorResponse.of(503, f"an engine replica is unavailable: {exc}", "engine_unavailable")
-    return ErrorResponse.of(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+        return ErrorResponse.of(503, "an engine replica is unavailable: retry in a few seconds", "engine_unavailable")
+    return ErrorResponse.of(500, "internal error: the server failed on this request; its log has the details",
+                            "internal_error")
 
 
 def error_response(exc: BaseException) -> JSONResponse:
     body = describe_error(exc)
     status = int(body.error.code)
-    if status == 500:
-        logger.error("request failed", exc_info=exc)
+    if status == 500 or (status > 500 and as_raylora_error(exc) is None):  # raylora's own 503s are expected
+        logger.error("request failed (answered %d)", status, exc_info=exc)
     headers = {"Retry-After": "1"} if status == 503 else None  # tells clients the failure is temporary
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -263,15 +268,20 @@ class OpenAIIngress:
         return await self._respond(body, [self._chat_prompt(body)], body.num_logprobs, self.chat_completions)
 
     async def list_models(self) -> ModelList:
+        """vLLM's cards; `root` (vLLM: the model's or adapter's path) only when the operator opts in
+        with expose_adapter_paths, since paths tell a client about the server's filesystem."""
         info = await self.replicas.info()
-        cards = [ModelCard(id=self.base_model, root=self.config.model, max_model_len=info["max_model_len"])]
-        cards += [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=self.base_model)
+        expose = self.config.expose_adapter_paths
+        cards = [ModelCard(id=self.base_model, root=self.config.model if expose else None,
+                           max_model_len=info["max_model_len"])]
+        cards += [ModelCard(id=lora.lora_name, root=lora.lora_path if expose else None, parent=self.base_model)
                   for lora in await self.replicas.adapters()]
         return ModelList(data=cards)
 
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         """Validated in every replica's driver before it is listed; any failure undoes the load."""
         self._check_runtime_updates()
+        check_adapter_name(body.lora_name)
         if any(lora.lora_name == body.lora_name for lora in await self.replicas.adapters()):
             raise InvalidRequestError(f"the adapter {body.lora_name!r} is already loaded: unload it first",
                                       param="lora_name")
@@ -303,9 +313,9 @@ class OpenAIIngress:
 
     def _adapter_of(self, model: str | None) -> str | None:
         """None for the base model; the adapter's name for `adapter` or `base:adapter`."""
-        if not model or model == self.base_model:
+        adapter = adapter_of_model_id(model, self.base_model)
+        if adapter is None:
             return None
-        adapter = model.removeprefix(self.base_model + ":")
         if not self.config.enable_lora:
             raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
         return adapter
@@ -323,10 +333,12 @@ class OpenAIIngress:
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         """Render the chat template to text, then tokenize it as is: the template adds bos itself."""
+        overrides = chat_template_overrides(body.chat_template, body.chat_template_kwargs,
+                                            self.config.trust_request_chat_template)
         try:
             text = self.tokenizer.apply_chat_template(
                 [message.template_dict() for message in body.messages], tokenize=False,
-                add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}),
+                add_generation_prompt=body.add_generation_prompt, **overrides,
             )
         except Exception as exc:  # no template, or the template rejects these messages
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from None
@@ -480,6 +492,8 @@ class OpenAIIngress:
         except Exception as exc:
             error = describe_error(exc)
             status = str(error.error.code)
+            if error.error.code == 500 or (error.error.code > 500 and as_raylora_error(exc) is None):
+                logger.error("stream failed (answered %s)", status, exc_info=exc)
             yield f"data: {error.model_dump_json()}\n\n"
         finally:
             self.metrics.requests.labels(generation.metric_label, status).inc()

@@ -12,6 +12,7 @@ embedding delta of token t is `A[:, t] · Bᵀ · scaling` (a column lookup inst
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 from cluster.errors import InvalidRequestError
 from lora.adapter_config import AdapterConfig, AdapterProblem
 from workers.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -155,7 +158,11 @@ def load_adapter(
     allow_pickle: bool = False,
 ) -> LoRAAdapter:
     """Read and validate the PEFT adapter at `path` for `model`; tensors are cast to `lora_dtype`
-    ("auto" must be resolved by the caller). Raises InvalidRequestError(param="lora_path")."""
+    ("auto" must be resolved by the caller). Raises InvalidRequestError(param="lora_path").
+
+    The error says what is wrong with the adapter but never where a path leads or what
+    allowed_lora_roots holds (the client may be anyone with the API key); the operator's log gets
+    the path and that detail at WARNING."""
     try:
         directory = _adapter_directory(path, allowed_roots)
         config = AdapterConfig.from_file(_existing_file(directory, CONFIG_FILE, allowed_roots))
@@ -177,9 +184,9 @@ def load_adapter(
                 f"start the engine with max_lora_rank >= {rank} (--max-lora-rank {rank})"
             )
     except AdapterProblem as problem:
-        raise InvalidRequestError(
-            f"LoRA adapter {name!r} at {path!r}: {problem}", param="lora_path"
-        ) from None
+        detail = f" ({problem.detail})" if problem.detail else ""
+        logger.warning("LoRA adapter %r refused, path %r: %s%s", name, path, problem, detail)
+        raise InvalidRequestError(f"LoRA adapter {name!r} cannot be served: {problem}", param="lora_path") from None
     factor = None
     if config.context_length is not None and config.context_length > model.max_position_embeddings:
         factor = float(math.ceil(config.context_length / model.max_position_embeddings))
@@ -191,7 +198,12 @@ def load_adapter(
 
 def _adapter_directory(path: str, allowed_roots: list[str] | tuple[str, ...]) -> Path:
     """The real directory (symlinks resolved); the root check comes first so nothing outside is probed."""
-    directory = _inside_roots(Path(path).expanduser().resolve(), allowed_roots)
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a NUL byte, an unknown ~user
+        raise AdapterProblem("the path cannot be resolved: give the adapter's directory",
+                             detail=f"{type(err).__name__}: {err}") from None
+    directory = _inside_roots(resolved, allowed_roots)
     if not directory.exists():
         raise AdapterProblem("the path does not exist: give the directory that holds adapter_config.json")
     if not directory.is_dir():
@@ -203,8 +215,9 @@ def _inside_roots(resolved: Path, allowed_roots: list[str] | tuple[str, ...]) ->
     roots = [Path(root).expanduser().resolve() for root in allowed_roots]
     if roots and not any(resolved.is_relative_to(root) for root in roots):
         raise AdapterProblem(
-            f"it resolves to {resolved}, outside allowed_lora_roots {[str(root) for root in roots]}: "
-            "move the adapter under one of them or add its directory to allowed_lora_roots"
+            "the adapter path is not under an allowed root (allowed_lora_roots): "
+            "ask the server's operator where adapters may be loaded from",
+            detail=f"it resolves to {resolved}, outside allowed_lora_roots {[str(root) for root in roots]}",
         )
     return resolved
 
@@ -229,7 +242,8 @@ def _read_tensors(
         try:
             return load_file(file, device="cpu")
         except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise AdapterProblem(f"{safe_name} cannot be read ({err}): save the adapter again") from None
+            raise AdapterProblem(f"{safe_name} cannot be read ({_reason(err)}): save the adapter again",
+                                 detail=f"{type(err).__name__}: {err}") from None
     if not (directory / pickle_name).is_file():
         return None
     if not allow_pickle:
@@ -241,10 +255,19 @@ def _read_tensors(
     try:
         loaded = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler raises many types for a bad file
-        raise AdapterProblem(f"{pickle_name} cannot be read ({err}): save the adapter again") from None
+        raise AdapterProblem(f"{pickle_name} cannot be read ({_reason(err)}): save the adapter again",
+                             detail=f"{type(err).__name__}: {err}") from None
     if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
         raise AdapterProblem(f"{pickle_name} is not a mapping of names to tensors: save the adapter again")
     return loaded
+
+
+def _reason(err: Exception) -> str:
+    """What a reader's error says, without the file names an OSError carries."""
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if "/" not in text and "\\" not in text else type(err).__name__
 
 
 def _check_target_modules(config: AdapterConfig, model: ModelConfig) -> None:

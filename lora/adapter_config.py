@@ -37,7 +37,12 @@ _UNSUPPORTED_OPTIONS: tuple[tuple[str, str, str], ...] = (
 
 
 class AdapterProblem(ValueError):
-    """What is wrong with an adapter and how to fix it; `load_adapter` prefixes the adapter's name and path."""
+    """What is wrong with an adapter and how to fix it, fit for the client; `load_adapter` prefixes the
+    adapter's name. `detail` is for the operator's log only: resolved paths, roots, reader errors."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,15 @@ class AdapterConfig:
     def from_file(cls, path: Path) -> AdapterConfig:
         try:
             raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except OSError as err:  # its message names the file's full path: the log gets it, the client not
+            raise AdapterProblem(
+                f"cannot read {path.name} ({err.strerror or type(err).__name__}): write it with peft's save_pretrained",
+                detail=str(err),
+            ) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise AdapterProblem(
                 f"cannot read {path.name} ({err}): write it with peft's save_pretrained"
-            ) from err
+            ) from None
         if not isinstance(raw, dict):
             raise AdapterProblem(f"{path.name} is not a JSON object: write it with peft's save_pretrained")
         return cls.from_dict(raw)

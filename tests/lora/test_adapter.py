@@ -255,13 +255,32 @@ def test_allowed_roots_resolve_symlinks(good_adapter: Path, model: ModelConfig, 
     inside = Path(shutil.copytree(good_adapter, root / "inside"))
     assert load(inside, model, allowed_roots=[str(root)]).path == str(inside.resolve())
     (root / "escape").symlink_to(good_adapter, target_is_directory=True)
-    with pytest.raises(InvalidRequestError, match="outside allowed_lora_roots"):
+    with pytest.raises(InvalidRequestError, match="not under an allowed root"):
         load(root / "escape", model, allowed_roots=[str(root)])
-    with pytest.raises(InvalidRequestError, match="outside allowed_lora_roots"):
+    with pytest.raises(InvalidRequestError, match="not under an allowed root"):
         load(good_adapter, model, allowed_roots=[str(root)])
     weights = inside / "adapter_model.safetensors"
     weights.unlink()
     weights.symlink_to(good_adapter / "adapter_model.safetensors")
-    with pytest.raises(InvalidRequestError, match="outside allowed_lora_roots"):
+    with pytest.raises(InvalidRequestError, match="not under an allowed root"):
         load(inside, model, allowed_roots=[str(root)])
     assert load(inside, model).rank == 4  # without roots, a symlinked file is fine
+
+
+def test_refusals_keep_paths_for_the_operators_log(
+    good_adapter: Path, model: ModelConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's message says what is wrong, never where a path leads or what the roots are;
+    the WARNING log has both, with the adapter's name."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to(good_adapter, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="lora.adapter"), pytest.raises(InvalidRequestError) as info:
+        load(root / "escape", model, allowed_roots=[str(root)])
+    assert str(tmp_path) not in info.value.message and str(good_adapter) not in info.value.message
+    logged = caplog.text
+    assert "'pirate'" in logged and str(good_adapter.resolve()) in logged and str(root) in logged
+    (tmp_path / "broken" / "adapter_config.json").mkdir(parents=True)  # a directory, not a file
+    with pytest.raises(InvalidRequestError) as info:
+        load(tmp_path / "broken", model)
+    assert str(tmp_path) not in info.value.message and "/" not in info.value.message.split(":", 1)[1]

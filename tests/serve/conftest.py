@@ -89,8 +89,15 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     return model
 
 
+def adapter_root(model: TinyModel) -> Path:
+    """The server's one allowed_lora_roots entry: pytest's base temporary directory, which holds the
+    tiny model's adapters and every test's tmp_path (so anything outside it is outside the root)."""
+    return model.base.parents[1]
+
+
 def app_args(model: TinyModel) -> dict:
-    """configs/serve.yaml's application args with a tiny engine, two replicas and an API key."""
+    """configs/serve.yaml's application args with a tiny engine, two replicas, an API key and
+    allowed_lora_roots set."""
     config = yaml.safe_load(SERVE_YAML.read_text())
     args = copy.deepcopy(config["applications"][0]["args"])
     args["engine"] |= {
@@ -99,6 +106,8 @@ def app_args(model: TinyModel) -> dict:
         "torch_threads_per_worker": 1, "num_cpus_per_worker": 0.5, "max_lora_rank": 8, "max_loras": 2,
         "max_cpu_loras": 2, "lora_modules": {"alpha": str(model.adapters["alpha"])},
         "allow_runtime_lora_updating": True, "max_waiting_requests": 64,
+        "allowed_lora_roots": [str(adapter_root(model))],
+        "expose_adapter_paths": True,  # `raylora bench serve --base-url` finds the files through /v1/models
     }
     return args | {"num_replicas": 2, "api_key": API_KEY}
 
@@ -121,11 +130,13 @@ def server(serve_instance, tiny_model) -> Server:
 @pytest.fixture(scope="session")
 def locked_server(serve_instance, tiny_model) -> Server:
     """A second, small application: no API key, no runtime adapter loading, one running and one waiting
-    request at most (so a third is refused with 503)."""
+    request at most (so a third is refused with 503); /v1/models without paths (the default) and
+    per-request chat templates allowed (trust_request_chat_template)."""
     engine = {
         "model": str(tiny_model.base), "served_model_name": BASE_NAME, "device": "cpu", "dtype": "float32",
         "max_model_len": MAX_MODEL_LEN, "block_size": 16, "cpu_kv_cache_bytes": "2MiB",
         "torch_threads_per_worker": 1, "num_cpus_per_worker": 0.5, "max_num_seqs": 1, "max_waiting_requests": 1,
+        "trust_request_chat_template": True,
     }
     serve.run(build_app({"engine": engine}), name="locked", route_prefix="/locked")
     yield Server(serve_instance + "/locked", "", tiny_model, AutoTokenizer.from_pretrained(tiny_model.base))

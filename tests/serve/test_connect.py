@@ -69,6 +69,11 @@ def test_errors_are_the_drivers(server):
         ray.get(driver.generate.remote([[1, 2], [3]], GREEDY, ["alpha"]))
     with pytest.raises(ModelNotFoundError):
         ray.get(driver.remove_lora.remote("no-such-adapter"))
+    for model in ("", f"{BASE_NAME}:", ":alpha"):  # malformed ids are refused, never the base model
+        with pytest.raises(InvalidRequestError, match="not a valid model id"):
+            ray.get(driver.generate.remote([[1, 2]], GREEDY, model))
+    with pytest.raises(InvalidRequestError, match="adapter name"):
+        ray.get(driver.add_lora.remote("tiny:p2", "/nowhere"))
     with pytest.raises(ModelNotFoundError, match="no Serve application"):
         connect("no-such-app")
 
