@@ -34,6 +34,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.adapter_catalog import AdapterCatalog
 from cluster.config import EngineConfig
 from cluster.engine_deployment import SINGLE_LOOP_ENV, LoRAEngine
 from cluster.engine_replicas import EngineReplicas
@@ -609,6 +610,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     config = with_absolute_paths(EngineConfig.from_dict(parsed.engine, source="args.engine"))
     engine = LoRAEngine.options(
         num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests
-    ).bind(config)
+    ).bind(config, AdapterCatalog.bind())
     return OpenAIIngress.bind(engine, config, parsed.api_key)
 

@@ -1,0 +1,57 @@
+"""A worker group's placement group outlives a plain actor that created it (Ray removes it only with the
+job); the next engine to start removes the groups whose named owner is gone, and only those."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util.placement_group import placement_group, placement_group_table
+
+from cluster.worker_placement import PREFIX, placement_group_name, remove_orphaned_groups
+
+
+@ray.remote(num_cpus=0)
+class Owner:
+    """Stands in for a `launch()`ed driver actor: it reserves a group the way WorkerGroup does."""
+
+    def reserve(self) -> str:
+        self.group = placement_group([{"CPU": 1}], name=placement_group_name())
+        ray.get(self.group.ready())
+        return placement_group_name()
+
+
+def live_groups() -> set[str]:
+    return {info["name"] for info in placement_group_table().values() if info["state"] != "REMOVED"}
+
+
+def eventually(condition, what: str, timeout_s: float = 30.0) -> None:
+    """Ray frees a removed group's resources a moment after the removal."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_groups_of_dead_named_owners_are_removed_and_live_ones_kept(ray_session):
+    free = ray.available_resources().get("CPU", 0)
+    dead, alive = Owner.options(name="placement-dead").remote(), Owner.options(name="placement-alive").remote()
+    dead_name, alive_name = ray.get(dead.reserve.remote()), ray.get(alive.reserve.remote())
+    assert dead_name == f"{PREFIX}raylora-tests/placement-dead" and alive_name.endswith("/placement-alive")
+    try:
+        ray.kill(dead)
+        time.sleep(1.0)
+        assert dead_name in live_groups(), "Ray removed a plain actor's group: this module's premise changed"
+        assert remove_orphaned_groups() == [dead_name]
+        assert dead_name not in live_groups() and alive_name in live_groups()
+        assert remove_orphaned_groups() == []
+        eventually(lambda: ray.available_resources().get("CPU", 0) == free - 1, "the dead owner's CPU freed")
+    finally:
+        ray.kill(alive)
+    time.sleep(1.0)
+    assert remove_orphaned_groups() == [alive_name]
+    eventually(lambda: ray.available_resources().get("CPU", 0) == free, "every CPU free again")
+
+
+def test_a_driver_process_names_no_group(ray_session):
+    assert placement_group_name() == ""
