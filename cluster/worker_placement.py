@@ -22,37 +22,34 @@ PREFIX = "raylora-workers/"
 
 
 def placement_group_name() -> str:
-    """`raylora-workers/<namespace>/<actor name>` in a named actor; else no name (Ray allows one group per
-    name, and an unnamed owner's group goes with its job)."""
+    """`raylora-workers/<actor name>` in a named actor; else no name (Ray allows one group per name, and
+    an unnamed owner's group goes with its job)."""
     context = ray.get_runtime_context()
     actor_name = context.get_actor_name() if context.get_actor_id() else None
-    return f"{PREFIX}{context.namespace}/{actor_name}" if actor_name else ""
+    return f"{PREFIX}{actor_name}" if actor_name else ""
 
 
-def _owner(name: str) -> tuple[str, str] | None:
-    """(namespace, actor name) of a group named by `placement_group_name`, None for others."""
-    if not name.startswith(PREFIX) or "/" not in name[len(PREFIX):]:
-        return None
-    namespace, actor_name = name[len(PREFIX):].split("/", 1)
-    return (namespace, actor_name) if actor_name else None
-
-
-def _owner_alive(namespace: str, actor_name: str) -> bool:
-    try:
-        ray.get_actor(actor_name, namespace=namespace)
-    except ValueError:  # no live actor has that name (a dead one's name is free)
-        return False
-    return True
+def _live_actor_names() -> set[str]:
+    """Names of the live named actors of every namespace (a dead actor's name is free again). The owner's
+    namespace is not part of the group's name: an actor's runtime context reports its job's namespace,
+    not the one it was created in (Serve's replicas live in "serve"), and a name alive in any namespace
+    only errs toward keeping a group."""
+    return {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)}
 
 
 def remove_orphaned_groups() -> list[str]:
     """Remove the engine placement groups whose owning actor is gone; return their names."""
+    groups = [(group_id, info["name"]) for group_id, info in placement_group_table().items()
+              if info["name"].startswith(PREFIX) and info["state"] != "REMOVED"]
+    if not groups:
+        return []
+    live = _live_actor_names()
     removed = []
-    for group_id, info in placement_group_table().items():
-        owner = _owner(info["name"])
-        if info["state"] == "REMOVED" or owner is None or _owner_alive(*owner):
+    for group_id, name in groups:
+        owner = name[len(PREFIX):]
+        if not owner or owner in live:
             continue
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
-        logger.warning("removed placement group %s: its owner %s is gone", info["name"], owner[1])
-        removed.append(info["name"])
+        logger.warning("removed placement group %s: its owner %s is gone", name, owner)
+        removed.append(name)
     return removed

@@ -13,7 +13,8 @@ from cluster.worker_placement import PREFIX, placement_group_name, remove_orphan
 
 @ray.remote(num_cpus=0)
 class Owner:
-    """Stands in for a `launch()`ed driver actor: it reserves a group the way WorkerGroup does."""
+    """Stands in for a `launch()`ed driver actor (or a Serve replica, in namespace "serve"): it reserves a
+    group the way WorkerGroup does."""
 
     def reserve(self) -> str:
         self.group = placement_group([{"CPU": 1}], name=placement_group_name())
@@ -35,9 +36,10 @@ def eventually(condition, what: str, timeout_s: float = 30.0) -> None:
 
 def test_groups_of_dead_named_owners_are_removed_and_live_ones_kept(ray_session):
     free = ray.available_resources().get("CPU", 0)
-    dead, alive = Owner.options(name="placement-dead").remote(), Owner.options(name="placement-alive").remote()
+    dead = Owner.options(name="placement-dead").remote()
+    alive = Owner.options(name="placement-alive", namespace="elsewhere").remote()  # not the job's namespace
     dead_name, alive_name = ray.get(dead.reserve.remote()), ray.get(alive.reserve.remote())
-    assert dead_name == f"{PREFIX}raylora-tests/placement-dead" and alive_name.endswith("/placement-alive")
+    assert dead_name == f"{PREFIX}placement-dead" and alive_name.endswith("/placement-alive")
     try:
         ray.kill(dead)
         time.sleep(1.0)
