@@ -2,9 +2,10 @@
 
 Ray removes a placement group when its creator dies only if the creator is a detached actor (a Serve
 replica is one) or its whole job has ended too: one created by a plain actor that dies (a `launch()`ed
-driver actor that was killed) keeps its bundles reserved for as long as the job lives, so the next
-engine could not place its workers (the filed "could not place 1 workers ... within 60s" while
-`CPU_group_*` resources of an earlier group were still held). Every engine's group is therefore named
+driver actor that was killed, or the driver actor each Serve replica used to start) keeps its bundles
+reserved for as long as the job lives, so the next engine could not place its workers (the filed
+"could not place 1 workers ... within 60s" while `CPU_group_*` resources of an earlier group were
+still held). Every engine's group is therefore named
 after the named actor that owns it, and an engine starting its workers first removes the groups whose
 named owner no longer exists.
 """
