@@ -140,6 +140,7 @@ class LoRAEngine:
                 try:
                     await self.driver.add_lora(adapter.lora_name, adapter.lora_path)
                     known.add(adapter.lora_name)
+                    await self._record("record", adapter.lora_name, adapter.lora_path)  # the catalog lacked it
                 except RayLoRAError as exc:
                     logger.warning("could not copy adapter %s from a peer: %s", adapter.lora_name, exc)
 
