@@ -67,6 +67,7 @@ class EngineStart:
     ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
     max_ongoing_requests=256,
     health_check_timeout_s=60,
+    health_check_period_s=2,  # how soon Serve notices a dead replica and starts another (default 10 s)
     max_constructor_retry_count=3,  # a bad model path fails the same way every time
 )
 class LoRAEngine:
