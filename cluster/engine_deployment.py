@@ -94,7 +94,7 @@ class LoRAEngine:
         self._note_adapter = serve.multiplexed(max_num_models_per_replica=config.resolved_max_cpu_loras)(note_adapter)
 
     async def _load_recorded_adapters(self) -> None:
-        """Adapters loaded at runtime before this replica started, as the application's catalog recorded them."""
+        """Adapters loaded at runtime before this replica started, as the application's catalog has them."""
         if self.catalog is None:
             return
         try:
@@ -141,7 +141,8 @@ class LoRAEngine:
                 try:
                     await self.driver.add_lora(adapter.lora_name, adapter.lora_path)
                     known.add(adapter.lora_name)
-                    await self._record("record", adapter.lora_name, adapter.lora_path)  # the catalog lacked it
+                    # the catalog lacked it (it restarted): record it again
+                    await self._record("record", adapter.lora_name, adapter.lora_path)
                 except RayLoRAError as exc:
                     logger.warning("could not copy adapter %s from a peer: %s", adapter.lora_name, exc)
 

@@ -104,8 +104,8 @@ def _stop_serve(started_ray: bool) -> None:
     stopper.start()
     stopper.join(SERVE_STOP_S)
     if stopper.is_alive():
-        print(f"raylora: Serve did not stop within {SERVE_STOP_S:.0f}s; stopping Ray under it", file=sys.stderr,
-              flush=True)
+        message = f"raylora: Serve did not stop within {SERVE_STOP_S:.0f}s; stopping Ray under it"
+        print(message, file=sys.stderr, flush=True)
 
 
 def _exit_by_deadline() -> None:
@@ -123,8 +123,9 @@ def run_server(config: EngineConfig, options: ServerOptions) -> None:
     startup: Startup | None = None
     try:
         if started_ray:
-            # "local" starts an embedded Ray even when RAY_ADDRESS points elsewhere; --address joins a cluster.
-            # A SIGTERM during ray.init meets Ray's handler (SystemExit), which unwinds through the cleanup below.
+            # "local" starts an embedded Ray even when RAY_ADDRESS points elsewhere; --address joins a
+            # cluster. A SIGTERM during ray.init meets Ray's handler (SystemExit): it unwinds through the
+            # cleanup below.
             ray.init(address=options.address or "local")
             signals.install()  # ray.init replaced the SIGTERM handler
         if not signals.requested.is_set():

@@ -35,7 +35,8 @@ class App:
         return requests.post(self.url + path, json=body, headers=self.headers, timeout=60)
 
     def models(self) -> set[str]:
-        return {card["id"] for card in requests.get(self.url + "/v1/models", headers=self.headers, timeout=60).json()["data"]}
+        response = requests.get(self.url + "/v1/models", headers=self.headers, timeout=60)
+        return {card["id"] for card in response.json()["data"]}
 
     def greedy(self, model: str) -> list[int]:
         body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
@@ -96,4 +97,5 @@ def test_killed_engine_process_comes_back_each_time_with_its_adapters(serve_inst
             assert len(engine_groups()) == 1 and free_cpus() == 0, f"kill {kill + 1}: {engine_groups()}"
     finally:
         serve.delete(APP)
-    wait_until(lambda: free_cpus() == start_cpus and not engine_groups(), "the deleted app's resources released", 60)
+    released = lambda: free_cpus() == start_cpus and not engine_groups()  # noqa: E731
+    wait_until(released, "the deleted app's resources freed", 60)

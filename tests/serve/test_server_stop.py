@@ -28,12 +28,16 @@ class RunningServer:
     def __init__(self, model_dir: str) -> None:
         self.port = free_port()
         command = [
-            sys.executable, "-m", "cluster.cli", "serve", "--model", model_dir, "--served-model-name", "stop-tiny",
+            sys.executable, "-m", "cluster.cli", "serve", "--model", model_dir,
+            "--served-model-name", "stop-tiny",
             "--device", "cpu", "--dtype", "float32", "--max-model-len", "64", "--cpu-kv-cache-bytes", "2MiB",
             "--torch-threads-per-worker", "1", "--num-cpus-per-worker", "0.5", "--port", str(self.port),
         ]
-        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
         self.descendants: set[psutil.Process] = set()
@@ -67,8 +71,9 @@ class RunningServer:
         try:
             self.process.wait(timeout=STOP_LIMIT_S)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running {STOP_LIMIT_S}s after {signum!r}:\n{self.output()}") from None
-        _, alive = psutil.wait_procs(list(self.descendants), timeout=max(0.1, STOP_LIMIT_S - (time.monotonic() - sent_at)))
+            raise AssertionError(f"running {STOP_LIMIT_S}s after {signum!r}:\n{self.output()}") from None
+        remaining_s = max(0.1, STOP_LIMIT_S - (time.monotonic() - sent_at))
+        _, alive = psutil.wait_procs(list(self.descendants), timeout=remaining_s)
         assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}\n{self.output()}"
         return time.monotonic() - sent_at
 
