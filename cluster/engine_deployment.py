@@ -11,20 +11,27 @@ everything the steps added at most every `stream_interval_ms`, the finished item
 non-streamed request gets EngineStart when accepted and then one finished item.
 
 Adapter requests carry the adapter's name as Serve's multiplexed model id, so Serve routes them
-preferably to a replica that already served that adapter. A replica started later copies the
-adapters its running peers serve, asked through its own deployment's handle (a replica is not
+preferably to a replica that already served that adapter. A replica that starts (scale-up, or
+Serve replacing one that died) loads the adapters loaded at runtime: those the application's
+`AdapterCatalog` records, then any its running peers serve that the record lacks (a replica is not
 running, so not asked, while it starts).
+
+What a replica owns dies with it: its worker actors are owned by the replica's process, and the
+placement group it reserves for them is created by the replica, a detached actor, so Ray removes
+it when the replica dies (however it dies; see docs/deploy.md). A deliberate stop releases both at once.
 """
 
 import asyncio
 import logging
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from cluster.config import EngineConfig
 from cluster.errors import ModelNotFoundError, RayLoRAError, as_raylora_error
@@ -60,12 +67,13 @@ class EngineStart:
     ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
     max_ongoing_requests=256,
     health_check_timeout_s=60,
+    health_check_period_s=2,  # how soon Serve notices a dead replica and starts another (default 10 s)
     max_constructor_retry_count=3,  # a bad model path fails the same way every time
 )
 class LoRAEngine:
     """One engine per replica; its methods are the ingress's only way to the driver."""
 
-    async def __init__(self, config: EngineConfig) -> None:
+    async def __init__(self, config: EngineConfig, catalog: DeploymentHandle | None = None) -> None:
         from cluster.driver import Driver  # torch and the model stack load only in engine replicas
 
         context = serve.get_replica_context()
@@ -73,8 +81,10 @@ class LoRAEngine:
         self.app_name = context.app_name
         self.deployment_name = context.deployment
         self.config = config
+        self.catalog = catalog
         self.driver = Driver(config)
         await self.driver.start()  # its step loop is a task on this event loop from here on
+        await self._load_recorded_adapters()
         await self._copy_adapters_from_peers()
 
         async def note_adapter(model_id: str) -> str:
@@ -82,6 +92,33 @@ class LoRAEngine:
             return model_id
 
         self._note_adapter = serve.multiplexed(max_num_models_per_replica=config.resolved_max_cpu_loras)(note_adapter)
+
+    async def _load_recorded_adapters(self) -> None:
+        """Adapters loaded at runtime before this replica started, as the application's catalog has them."""
+        if self.catalog is None:
+            return
+        try:
+            recorded = await asyncio.wait_for(self.catalog.adapters.remote(), PEER_TIMEOUT_S)
+        except Exception as exc:  # the catalog restarts: peers still have the adapters
+            logger.warning("could not read the adapter catalog: %s", type(exc).__name__)
+            return
+        known = {lora.lora_name for lora in await self.driver.list_loras()}
+        for lora_name, lora_path in recorded.items():
+            if lora_name in known:
+                continue
+            try:
+                await self.driver.add_lora(lora_name, lora_path)
+            except RayLoRAError as exc:
+                logger.warning("could not load recorded adapter %s: %s", lora_name, exc)
+
+    async def _record(self, method: str, *args: str) -> None:
+        """Tell the catalog about a runtime load or unload; the load itself stands if the catalog is away."""
+        if self.catalog is None:
+            return
+        try:
+            await asyncio.wait_for(getattr(self.catalog, method).remote(*args), PEER_TIMEOUT_S)
+        except Exception as exc:
+            logger.warning("could not %s adapter %s in the catalog: %s", method, args[0], type(exc).__name__)
 
     async def _copy_adapters_from_peers(self) -> None:
         """Adapters loaded at runtime on running replicas; without them this replica would 404 on them."""
@@ -104,6 +141,8 @@ class LoRAEngine:
                 try:
                     await self.driver.add_lora(adapter.lora_name, adapter.lora_path)
                     known.add(adapter.lora_name)
+                    # the catalog lacked it (it restarted): record it again
+                    await self._record("record", adapter.lora_name, adapter.lora_path)
                 except RayLoRAError as exc:
                     logger.warning("could not copy adapter %s from a peer: %s", adapter.lora_name, exc)
 
@@ -144,10 +183,13 @@ class LoRAEngine:
         return await self.driver.list_loras()
 
     async def add_adapter(self, lora_name: str, lora_path: str) -> LoRARequest:
-        return await self.driver.add_lora(lora_name, lora_path)
+        request = await self.driver.add_lora(lora_name, lora_path)
+        await self._record("record", lora_name, request.lora_path)
+        return request
 
     async def remove_adapter(self, lora_name: str) -> bool:
         """False when this replica does not serve it."""
+        await self._record("forget", lora_name)
         try:
             return await self.driver.remove_lora(lora_name)
         except ModelNotFoundError:
@@ -163,6 +205,10 @@ class LoRAEngine:
     async def worker_handles(self) -> list:
         """The worker actors (for fault-injection tests and debugging)."""
         return await self.driver.worker_handles()
+
+    async def process_id(self) -> int:
+        """This replica's process (for fault-injection tests that kill the engine)."""
+        return os.getpid()
 
     async def __del__(self) -> None:
         """Stop the step loop and release the workers and their placement group."""

@@ -34,6 +34,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cluster.adapter_catalog import AdapterCatalog
 from cluster.adapter_names import adapter_of_model_id, check_adapter_name
 from cluster.chat_template_policy import chat_template_overrides
 from cluster.config import EngineConfig
@@ -623,6 +624,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     config = with_absolute_paths(EngineConfig.from_dict(parsed.engine, source="args.engine"))
     engine = LoRAEngine.options(
         num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests
-    ).bind(config)
+    ).bind(config, AdapterCatalog.bind())
     return OpenAIIngress.bind(engine, config, parsed.api_key)
 

@@ -9,6 +9,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig
+from cluster.worker_placement import placement_group_name, remove_orphaned_groups
 from lora.request import LoRARequest
 from workers.step import StepInput, StepOutput
 from workers.worker import WorkerActor
@@ -34,8 +35,10 @@ class WorkerGroup:
         self.config = config
         self.use_gpu = wants_gpu(config)
         bundle = {"CPU": config.num_cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
+        remove_orphaned_groups()  # a dead engine's leftovers would hold the bundles this group needs
         self.placement_group: PlacementGroup = placement_group(
-            [dict(bundle) for _ in range(config.tensor_parallel_size)], strategy=config.placement_strategy
+            [dict(bundle) for _ in range(config.tensor_parallel_size)], strategy=config.placement_strategy,
+            name=placement_group_name(),
         )
         self.workers: list = []
 

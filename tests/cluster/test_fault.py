@@ -39,6 +39,7 @@ def test_killed_worker_fails_in_flight_then_engine_recovers(ray_session, tmp_pat
     try:
         greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         before = ray.get(driver.generate.remote([[5, 6, 7]], greedy, "adapter"))[0].token_ids
+        serving_cpus = ray.available_resources().get("CPU", 0)  # with this engine's one worker group placed
         # The kill lands once this batch is decoding: 240 steps of 32 sequences, so still in flight.
         long = driver.generate.remote([[5, 6, 7]] * 32, SamplingParams(max_tokens=240, temperature=0, ignore_eos=True))
         wait_until_running(driver, 32)
@@ -53,6 +54,10 @@ def test_killed_worker_fails_in_flight_then_engine_recovers(ray_session, tmp_pat
         after = ray.get(driver.generate.remote([[5, 6, 7]], greedy, "adapter"))[0].token_ids
         assert after == before
         assert ray.get(driver.stats.remote())["num_restarts"] == 1
+        deadline = time.monotonic() + 30  # the dead group's bundles were given back, not held beside the new one
+        while ray.available_resources().get("CPU", 0) != serving_cpus:
+            assert time.monotonic() < deadline, f"{ray.available_resources()} after the rebuild"
+            time.sleep(0.2)
     finally:
         ray.get(driver.shutdown.remote())
         ray.kill(driver)
