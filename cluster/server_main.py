@@ -18,6 +18,7 @@ from ray import serve
 from cluster.cli import ServerOptions
 from cluster.config import EngineConfig
 from cluster.serve_app import API_KEY_ENV, AppArgs, build_app
+from cluster.tokenizer_loading import load_tokenizer
 
 APP_NAME = "raylora"
 
@@ -41,6 +42,7 @@ def served_models(config: EngineConfig) -> list[str]:
 
 def run_server(config: EngineConfig, options: ServerOptions) -> None:
     """Serve `config` on options.host:options.port until interrupted."""
+    load_tokenizer(config)  # a missing tokenizer is a ConfigError now, not a replica failing at every retry
     started_ray = not ray.is_initialized()
     if started_ray:
         # "local" starts an embedded Ray even when RAY_ADDRESS points elsewhere; --address joins a cluster.
