@@ -257,14 +257,20 @@ class OpenAIIngress:
     async def create_completion(self, body: CompletionRequest) -> Response:
         body.check_supported()
         check_fan_out(num_prompts(body.prompt), body.n, self.config.max_sequences_per_request)
-        prompts = await self._completion_prompts(body.prompt)
+        try:
+            prompts = await self._completion_prompts(body.prompt)
+        except Exception as exc:  # answered here: Serve answers its own BackPressureError in plain text
+            return error_response(exc)
         return await self._respond(body, prompts, body.logprobs, self.completions)
 
     async def create_chat_completion(self, body: ChatCompletionRequest) -> Response:
         body.check_supported()
         check_fan_out(1, body.n, self.config.max_sequences_per_request)
         body.max_tokens = body.requested_max_tokens
-        prompt = await self._chat_prompt(body)
+        try:
+            prompt = await self._chat_prompt(body)
+        except Exception as exc:  # answered here: Serve answers its own BackPressureError in plain text
+            return error_response(exc)
         return await self._respond(body, [prompt], body.num_logprobs, self.chat_completions)
 
     async def list_models(self) -> ModelList:

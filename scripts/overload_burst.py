@@ -36,7 +36,8 @@ def replica_rss_mib() -> dict[str, float]:
     return sizes
 
 
-async def burst(url: str, model: str, count: int, max_tokens: int, api_key: str | None) -> collections.Counter:
+async def burst(url: str, model: str, count: int, max_tokens: int, api_key: str | None,
+                samples: dict[str, bytes]) -> collections.Counter:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"model": model, "prompt": "w5 w6 w7", "max_tokens": max_tokens, "ignore_eos": True}
     connector = aiohttp.TCPConnector(limit=count)
@@ -45,9 +46,11 @@ async def burst(url: str, model: str, count: int, max_tokens: int, api_key: str 
 
         async def one() -> str:
             async with session.post(url + "/v1/completions", json=body) as response:
-                await response.read()
+                payload = await response.read()
                 retry = response.headers.get("Retry-After")
-                return f"{response.status}" + (f" (Retry-After {retry})" if retry else "")
+                status = f"{response.status}" + (f" (Retry-After {retry})" if retry else "")
+                samples.setdefault(status, payload[:300])
+                return status
 
         return collections.Counter(await asyncio.gather(*(one() for _ in range(count))))
 
@@ -63,12 +66,16 @@ def main() -> None:
     args = parser.parse_args()
     before = replica_rss_mib()
     start = time.monotonic()
-    statuses = asyncio.run(burst(args.url, args.model, args.requests, args.max_tokens, args.api_key))
+    samples: dict[str, bytes] = {}
+    statuses = asyncio.run(burst(args.url, args.model, args.requests, args.max_tokens, args.api_key, samples))
     elapsed = time.monotonic() - start
     after = replica_rss_mib()
     time.sleep(args.settle_s)
     settled = replica_rss_mib()
     print(f"{args.requests} requests in {elapsed:.1f} s: {dict(statuses)}")
+    for status, body in samples.items():
+        if not status.startswith("200"):
+            print(f"  a {status} body: {body!r}")
     for name in sorted(before):
         print(f"{name}: RSS {before[name]:.0f} MiB before, {after.get(name, 0):.0f} right after, "
               f"{settled.get(name, 0):.0f} after {args.settle_s:.0f} s")
