@@ -170,7 +170,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"raylora: warning: {warning.message}", file=sys.stderr)
     from cluster.server_main import run_server
 
-    run_server(config, options)
+    try:
+        run_server(config, options)
+    except ConfigError as err:  # found before anything started, e.g. a model directory without a tokenizer
+        print(f"raylora: {describe_config_error(err)}", file=sys.stderr)
+        return CONFIG_ERROR_STATUS
     return 0
 
 

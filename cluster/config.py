@@ -20,12 +20,19 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
 from cluster.adapter_names import adapter_name_problem
 
 MiB = 1024**2
+
+# Admission bounds by default: a queue a few batches deep, a body that holds any prompt of a long context
+# (128k token ids as JSON are about 1 MiB), and one request at most half a default batch.
+DEFAULT_MAX_WAITING_REQUESTS = 512
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * MiB
+DEFAULT_MAX_SEQUENCES_PER_REQUEST = 128
 
 LORA_DTYPES = ("auto", "float16", "bfloat16", "float32")
 _LORA_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
@@ -54,15 +61,16 @@ class ConfigError(ValueError):
     """A config file or mapping that cannot become an EngineConfig (bad YAML, unknown keys)."""
 
 
-def parse_byte_size(value: Any) -> Any:
+def parse_byte_size(value: Any, info: ValidationInfo) -> Any:
     """Turn "512MiB" / "1GiB" / "64MB" / "1_000" into an int byte count; other values pass to pydantic."""
     if not isinstance(value, str):
         return value
     match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
     unit = match and match.group(2).lower()
     if not match or unit not in _BYTE_UNITS:
+        field = info.field_name or "the byte size"
         raise ValueError(
-            f"cpu_kv_cache_bytes ({value!r}) is not a byte size: write an integer or a number with a unit, "
+            f"{field} ({value!r}) is not a byte size: write an integer or a number with a unit, "
             "e.g. 536870912, 512MiB, 1GiB or 64MB"
         )
     return int(float(match.group(1).replace("_", "")) * _BYTE_UNITS[unit])
@@ -140,6 +148,11 @@ class EngineConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Path of the tokenizer; defaults to model.")
     served_model_name: str | None = Field(
         None, description="Name clients use for the base model in requests; defaults to the model string."
+    )
+    skip_tokenizer_init: bool = Field(
+        False,
+        description="Load no tokenizer (vLLM's name): prompts must be token ids, outputs carry token ids and "
+        "empty text; text prompts, chat and stop strings are refused.",
     )
 
     # Parallelism and numerics
@@ -235,9 +248,20 @@ class EngineConfig(BaseModel):
         "chat_template), as vLLM's flag of that name; off, such a request is a 400.",
     )
 
-    # Admission control
+    # Admission control: what one client or one burst may cost the server
     max_waiting_requests: int | None = Field(
-        None, description="Bound on the waiting queue; over it the server answers 503. None = unbounded."
+        DEFAULT_MAX_WAITING_REQUESTS,
+        description="Bound on the requests waiting for an engine (each engine's queue, and Serve's queue at "
+        "each caller of the engine); over it the server answers 503 with Retry-After. None = unbounded.",
+    )
+    max_request_body_bytes: ByteSize = Field(
+        DEFAULT_MAX_REQUEST_BODY_BYTES,
+        description="Largest HTTP request body, in bytes or with a unit (4MiB); a larger one is refused with "
+        "413 before it is read whole.",
+    )
+    max_sequences_per_request: int = Field(
+        DEFAULT_MAX_SEQUENCES_PER_REQUEST,
+        description="Most sequences one HTTP request may generate (prompts x n); more is refused with 400.",
     )
 
     # Placement on Ray
@@ -313,7 +337,8 @@ def _find_problems(config: EngineConfig) -> list[str]:
     """Every invalid value, each phrased as "field (value) must ...: fix"."""
     problems = [
         f"{name} ({getattr(config, name)}) must be >= 1: set it to a positive number"
-        for name in ("tensor_parallel_size", "max_num_seqs", "num_scheduler_steps", "max_loras", "max_lora_rank")
+        for name in ("tensor_parallel_size", "max_num_seqs", "num_scheduler_steps", "max_loras", "max_lora_rank",
+                     "max_request_body_bytes", "max_sequences_per_request")
         if getattr(config, name) < 1
     ]
     problems += [

@@ -35,3 +35,12 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.text += delta
         return delta
+
+
+class NoDetokenizer:
+    """For an engine without a tokenizer (`skip_tokenizer_init`): tokens add no text."""
+
+    text = ""
+
+    def add(self, token_id: int) -> str:
+        return ""

@@ -25,7 +25,6 @@ from typing import Any
 
 import ray
 import torch
-from transformers import AutoTokenizer
 
 from cluster.config import EngineConfig
 from cluster.delta_buffer import DeltaBuffer
@@ -35,8 +34,10 @@ from cluster.lora_registry import AdapterInfo, LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.prompts import aligned
+from cluster.request_bounds import tokenize_bounded
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch
+from cluster.tokenizer_loading import load_tokenizer
 from cluster.worker_group import WorkerGroup
 from lora.adapter import load_adapter
 from lora.request import LoRARequest
@@ -63,7 +64,7 @@ class Driver:
         self.model_config = load_model_config(config.model)
         check_tensor_parallel(config, self.model_config)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
+        self.tokenizer = load_tokenizer(config)  # None with skip_tokenizer_init: token ids only
         self.loras = LoRARegistry(self._validate_adapter, config.resolved_served_model_name)
         self.workers = WorkerGroup(config)
         self.engine: EngineCore | None = None
@@ -117,6 +118,7 @@ class Driver:
             "num_preemptions": scheduler.num_preemptions,
             "num_free_blocks": self.engine.block_manager.num_free_blocks,
             "num_restarts": self.num_restarts,
+            "num_pending": len(self._pending),  # requests whose caller has not read their end yet
         }
         if self.engine.slots is not None:
             slot_stats = self.engine.slots.stats
@@ -187,7 +189,13 @@ class Driver:
 
     def _token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer(prompt).input_ids
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "text prompts need a tokenizer, and this engine runs without one (skip_tokenizer_init): "
+                    "send the prompt as a list of token ids", param="prompt",
+                )
+            tokenizer = self.tokenizer
+            return tokenize_bounded(lambda text: tokenizer(text).input_ids, prompt, self.max_model_len)
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
         raise InvalidRequestError("a prompt must be a string or a list of token ids", param="prompt")

@@ -15,7 +15,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig
-from cluster.detokenizer import IncrementalDetokenizer
+from cluster.detokenizer import IncrementalDetokenizer, NoDetokenizer
 from cluster.errors import InvalidRequestError
 from cluster.lora_registry import AdapterInfo
 from cluster.model_checks import check_kv_capacity, resolve_max_model_len, resolve_max_num_batched_tokens
@@ -31,15 +31,15 @@ from workers.step import SamplingBatch, StepInput, StepOutput, cache_slots
 logger = logging.getLogger(__name__)
 
 
-def eos_token_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase, model_eos: list[int]) -> frozenset[int]:
-    """EOS ids from the model config, generation_config.json and the tokenizer, together."""
+def eos_token_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase | None, model_eos: list[int]) -> frozenset[int]:
+    """EOS ids from the model config, generation_config.json and the tokenizer (if any), together."""
     ids = set(model_eos)
     try:
         generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         ids.update([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])
     except OSError:
         pass
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)
 
@@ -56,7 +56,7 @@ class EngineLimits:
 
     @staticmethod
     def resolve(
-        config: EngineConfig, model: ModelConfig, tokenizer: PreTrainedTokenizerBase, num_blocks: int
+        config: EngineConfig, model: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int
     ) -> EngineLimits:
         """The limits the engine runs under, once the workers have said how many KV blocks fit."""
         max_model_len = resolve_max_model_len(config, model)
@@ -80,7 +80,7 @@ class RequestState:
     """A sequence plus what the driver tracks to turn its tokens into text."""
 
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | NoDetokenizer
     lora_name: str | None
     emitted_text_len: int = 0
     emitted_token_count: int = 0
@@ -89,7 +89,11 @@ class RequestState:
 
 
 class EngineCore:
-    def __init__(self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase, enable_lora: bool = False) -> None:
+    """`tokenizer` None (skip_tokenizer_init): token ids in and out, no text, no stop strings."""
+
+    def __init__(
+        self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase | None, enable_lora: bool = False
+    ) -> None:
         self.limits = limits
         self.tokenizer = tokenizer
         self.block_manager = BlockManager(limits.num_blocks, limits.block_size)
@@ -135,11 +139,20 @@ class EngineCore:
             raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="model")
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError(
+                "stop strings need a tokenizer, and this engine runs without one (skip_tokenizer_init): "
+                "use stop_token_ids instead",
+                param="stop",
+            )
         seq = Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=list(map(int, prompt_token_ids)),
             sampling=params, lora=lora, noise_seed=noise_seed, rope_table=adapter.rope_table,
         )
-        detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+        detokenizer = (
+            NoDetokenizer() if self.tokenizer is None
+            else IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+        )
         self.requests[request_id] = RequestState(seq, detokenizer, lora.lora_name if lora else None)
         self.scheduler.add(seq)
         return seq

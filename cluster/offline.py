@@ -12,12 +12,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from transformers import AutoTokenizer
-
 from cluster.config import EngineConfig
 from cluster.engine import EngineCore, EngineLimits
 from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.sampling_params import SamplingParams
+from cluster.tokenizer_loading import load_tokenizer
 from lora.request import LoRARequest
 from workers.worker import Worker
 
@@ -45,7 +44,7 @@ class OfflineEngine:
         self.worker = Worker(config.model_copy(update={"device": "cpu" if config.device == "auto" else config.device}))
         num_blocks = self.worker.init_model()
         self.worker.init_cache(num_blocks)
-        tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
+        tokenizer = load_tokenizer(config)
         assert self.worker.runner is not None
         limits = EngineLimits.resolve(config, self.worker.runner.model_config, tokenizer, num_blocks)
         self.core = EngineCore(limits, tokenizer, enable_lora=config.enable_lora)

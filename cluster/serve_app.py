@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.adapter_catalog import AdapterCatalog
 from cluster.adapter_names import adapter_of_model_id, check_adapter_name
+from cluster.body_limit import BodySizeLimit
 from cluster.chat_template_policy import chat_template_overrides
 from cluster.config import EngineConfig
 from cluster.engine_deployment import SINGLE_LOOP_ENV, LoRAEngine
@@ -70,8 +71,10 @@ from cluster.openai_protocol import (
     random_id,
 )
 from cluster.outputs import StreamDelta, TokenLogprob
+from cluster.request_bounds import check_fan_out, num_prompts, tokenize_bounded
 from cluster.sampling_params import SamplingParams
 from cluster.server_metrics import CONTENT_TYPE, ChoiceTimer, ServerMetrics
+from cluster.tokenizer_loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -225,14 +228,12 @@ class Endpoint:
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.engine = engine
         self.config = config
         self.base_model = config.resolved_served_model_name
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
         self.allow_runtime_updates = runtime_lora_updating_allowed(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.resolved_tokenizer)
+        self.tokenizer = load_tokenizer(config)  # None with skip_tokenizer_init: token ids in and out
         self.metrics = ServerMetrics()
         self.replicas = EngineReplicas(engine)
         self.completions = Endpoint("cmpl", DEFAULT_COMPLETION_MAX_TOKENS, self._completion_json, self._completion_chunks)
@@ -245,7 +246,8 @@ class OpenAIIngress:
         api.add_exception_handler(StarletteHTTPException, lambda _, exc: http_error_response(exc))
         for error_class in (RayLoRAError, RayTaskError, RayActorError, BackPressureError, Exception):
             api.add_exception_handler(error_class, lambda _, exc: error_response(exc))
-        if self.api_key:
+        api.add_middleware(BodySizeLimit, max_bytes=self.config.max_request_body_bytes)
+        if self.api_key:  # added last, so it runs first: no body is read for a client without the key
             api.add_middleware(BearerAuth, api_key=self.api_key)
         api.post("/v1/completions")(self.create_completion)
         api.post("/v1/chat/completions")(self.create_chat_completion)
@@ -260,13 +262,22 @@ class OpenAIIngress:
 
     async def create_completion(self, body: CompletionRequest) -> Response:
         body.check_supported()
-        prompts = self._completion_prompts(body.prompt)
+        check_fan_out(num_prompts(body.prompt), body.n, self.config.max_sequences_per_request)
+        try:
+            prompts = await self._completion_prompts(body.prompt)
+        except Exception as exc:  # answered here: Serve answers its own BackPressureError in plain text
+            return error_response(exc)
         return await self._respond(body, prompts, body.logprobs, self.completions)
 
     async def create_chat_completion(self, body: ChatCompletionRequest) -> Response:
         body.check_supported()
+        check_fan_out(1, body.n, self.config.max_sequences_per_request)
         body.max_tokens = body.requested_max_tokens
-        return await self._respond(body, [self._chat_prompt(body)], body.num_logprobs, self.chat_completions)
+        try:
+            prompt = await self._chat_prompt(body)
+        except Exception as exc:  # answered here: Serve answers its own BackPressureError in plain text
+            return error_response(exc)
+        return await self._respond(body, [prompt], body.num_logprobs, self.chat_completions)
 
     async def list_models(self) -> ModelList:
         """vLLM's cards; `root` (vLLM: the model's or adapter's path) only when the operator opts in
@@ -323,17 +334,35 @@ class OpenAIIngress:
 
     # ---- prompts --------------------------------------------------------------------------------
 
-    def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
+    async def _completion_prompts(self, prompt: str | list) -> list[list[int]]:
         if isinstance(prompt, str):
-            return [self.tokenizer(prompt).input_ids]
+            return [await self._tokenize(prompt)]
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if isinstance(prompt[0], int):
             return [list(prompt)]
-        return [self.tokenizer(item).input_ids if isinstance(item, str) else list(item) for item in prompt]
+        return [await self._tokenize(item) if isinstance(item, str) else list(item) for item in prompt]
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    async def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt; a text too long for max_model_len is refused without tokenizing
+        all of it."""
+        tokenizer = self._text_tokenizer("text prompts", "prompt", "send the prompt as a list of token ids")
+        max_model_len = (await self.replicas.info())["max_model_len"]
+        return tokenize_bounded(lambda part: tokenizer(part, add_special_tokens=add_special_tokens).input_ids,
+                                text, max_model_len)
+
+    def _text_tokenizer(self, what: str, param: str, fix: str) -> Any:
+        """The tokenizer, or a 400 saying `what` needs one when the server runs on token ids only."""
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                f"{what} need a tokenizer, and this server runs without one (skip_tokenizer_init): {fix}",
+                param=param,
+            )
+        return self.tokenizer
+
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         """Render the chat template to text, then tokenize it as is: the template adds bos itself."""
+        self._text_tokenizer("chat messages", "messages", "use /v1/completions with a token-id prompt")
         overrides = chat_template_overrides(body.chat_template, body.chat_template_kwargs,
                                             self.config.trust_request_chat_template)
         try:
@@ -343,7 +372,7 @@ class OpenAIIngress:
             )
         except Exception as exc:  # no template, or the template rejects these messages
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from None
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return await self._tokenize(text, add_special_tokens=False)
 
     async def _max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
         """vLLM's rule: prompt plus max_tokens must fit max_model_len; unset means what fits."""
@@ -372,6 +401,8 @@ class OpenAIIngress:
     async def _respond(
         self, body: SamplingRequest, prompts: list[list[int]], num_logprobs: int | None, endpoint: Endpoint
     ) -> Response:
+        if self.tokenizer is None:  # without a tokenizer the token ids are the output
+            body.return_token_ids = True
         model = body.model or self.base_model
         adapter = self._adapter_of(body.model)
         label = adapter or self.base_model
@@ -504,7 +535,8 @@ class OpenAIIngress:
     # ---- response formats -----------------------------------------------------------------------
 
     def _decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """A token's text; without a tokenizer vLLM's `token_id:<id>` spelling, which clients can parse."""
+        return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _completion_json(self, generation: Generation, body: SamplingRequest) -> CompletionResponse:
         choices = [
@@ -623,7 +655,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     config = with_absolute_paths(EngineConfig.from_dict(parsed.engine, source="args.engine"))
     engine = LoRAEngine.options(
-        num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests
+        num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests,
+        # Serve's queue in front of the engines (at each caller) is bounded too, else a burst waits there
+        # without limit and max_waiting_requests never answers: beyond it Serve raises BackPressureError (503).
+        max_queued_requests=config.max_waiting_requests or -1,
     ).bind(config, AdapterCatalog.bind())
     return OpenAIIngress.bind(engine, config, parsed.api_key)
 

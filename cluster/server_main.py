@@ -25,6 +25,7 @@ from ray import serve
 from cluster.cli import ServerOptions
 from cluster.config import EngineConfig
 from cluster.serve_app import API_KEY_ENV, AppArgs, build_app
+from cluster.tokenizer_loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def _exit_by_deadline() -> None:
 
 def run_server(config: EngineConfig, options: ServerOptions) -> None:
     """Serve `config` on options.host:options.port until SIGINT or SIGTERM."""
+    load_tokenizer(config)  # a missing tokenizer is a ConfigError now, not a replica failing at every retry
     signals = StopSignals()
     signals.install()
     started_ray = not ray.is_initialized()

@@ -1,0 +1,85 @@
+"""Send a burst of concurrent completions to a running server and report statuses and the engines' RSS.
+
+    python scripts/overload_burst.py --url http://127.0.0.1:8000 --requests 2000
+
+RSS is summed over this machine's processes whose command line names a Serve replica of the engine
+(`ServeReplica:...LoRAEngine`) and the ingress, read before the burst, right after it and after a pause:
+the refused requests must leave nothing behind (issue 12, item 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import time
+from pathlib import Path
+
+import aiohttp
+
+
+def replica_rss_mib() -> dict[str, float]:
+    """RSS in MiB of each local Serve replica process of the application (by its process title)."""
+    sizes: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "ServeReplica:" not in title or ("LoRAEngine" not in title and "OpenAIIngress" not in title):
+                continue
+            rss_kib = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                           if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+        sizes[title.split()[0]] = rss_kib / 1024
+    return sizes
+
+
+async def burst(url: str, model: str, count: int, max_tokens: int, api_key: str | None,
+                samples: dict[str, bytes]) -> collections.Counter:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "prompt": "w5 w6 w7", "max_tokens": max_tokens, "ignore_eos": True}
+    connector = aiohttp.TCPConnector(limit=count)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+
+        async def one() -> str:
+            async with session.post(url + "/v1/completions", json=body) as response:
+                payload = await response.read()
+                retry = response.headers.get("Retry-After")
+                status = f"{response.status}" + (f" (Retry-After {retry})" if retry else "")
+                samples.setdefault(status, payload[:300])
+                return status
+
+        return collections.Counter(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--settle-s", type=float, default=20.0)
+    args = parser.parse_args()
+    before = replica_rss_mib()
+    start = time.monotonic()
+    samples: dict[str, bytes] = {}
+    statuses = asyncio.run(burst(args.url, args.model, args.requests, args.max_tokens, args.api_key, samples))
+    elapsed = time.monotonic() - start
+    after = replica_rss_mib()
+    time.sleep(args.settle_s)
+    settled = replica_rss_mib()
+    print(f"{args.requests} requests in {elapsed:.1f} s: {dict(statuses)}")
+    for status, body in samples.items():
+        if not status.startswith("200"):
+            print(f"  a {status} body: {body!r}")
+    for name in sorted(before):
+        print(f"{name}: RSS {before[name]:.0f} MiB before, {after.get(name, 0):.0f} right after, "
+              f"{settled.get(name, 0):.0f} after {args.settle_s:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
