@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -78,6 +79,8 @@ from cluster.tokenizer_loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 1  # what a 503 (overload, engine restarting) tells clients to wait before retrying
+
 RUNTIME_LORA_ENV = "RAYLORA_ALLOW_RUNTIME_LORA_UPDATING"
 API_KEY_ENV = "RAYLORA_API_KEY"
 REPLICA_HEADER = "x-raylora-replica"
@@ -109,7 +112,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     status = int(body.error.code)
     if status == 500 or (status > 500 and as_raylora_error(exc) is None):  # raylora's own 503s are expected
         logger.error("request failed (answered %d)", status, exc_info=exc)
-    headers = {"Retry-After": "1"} if status == 503 else None  # tells clients the failure is temporary
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None  # the failure is temporary
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -660,5 +663,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         # without limit and max_waiting_requests never answers: beyond it Serve raises BackPressureError (503).
         max_queued_requests=config.max_waiting_requests or -1,
     ).bind(config, AdapterCatalog.bind())
-    return OpenAIIngress.bind(engine, config, parsed.api_key)
+    # And the proxy's queue in front of the ingress: a burst beyond what the ingress takes at once
+    # (max_ongoing_requests) waits there up to max_waiting_requests; beyond that the proxy answers 503
+    # with Retry-After itself (Serve's plain-text body, as the request never reaches this code).
+    ingress = OpenAIIngress.options(
+        max_queued_requests=config.max_waiting_requests or -1,
+        backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    )
+    return ingress.bind(engine, config, parsed.api_key)
 

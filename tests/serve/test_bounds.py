@@ -22,7 +22,7 @@ from cluster.config import (
     DEFAULT_MAX_WAITING_REQUESTS,
     EngineConfig,
 )
-from cluster.serve_app import build_app
+from cluster.serve_app import RETRY_AFTER_S, build_app
 from tests.serve.conftest import BASE_NAME, Server, assert_openai_error
 
 APP = "bounded"
@@ -65,6 +65,16 @@ def test_defaults_bound_every_request():
     assert config.max_waiting_requests == DEFAULT_MAX_WAITING_REQUESTS is not None
     assert config.max_request_body_bytes == DEFAULT_MAX_REQUEST_BODY_BYTES == 4 * 1024 * 1024
     assert config.max_sequences_per_request == DEFAULT_MAX_SEQUENCES_PER_REQUEST == 128
+
+
+def test_every_queue_in_front_of_the_engines_is_bounded(tmp_path):
+    """The proxy's queue before the ingress and the ingress's queue before the engines both stop at
+    max_waiting_requests; beyond, 503 with Retry-After (Serve's own answer at the proxy)."""
+    app = build_app({"engine": {"model": str(tmp_path), "max_waiting_requests": 7}})
+    ingress = app._bound_deployment
+    engine = next(arg for arg in ingress.init_args if hasattr(arg, "_bound_deployment"))._bound_deployment
+    assert ingress.max_queued_requests == engine.max_queued_requests == 7
+    assert ingress.backpressure_config.retry_after_s == RETRY_AFTER_S
 
 
 def test_a_body_over_the_limit_is_413(bounded):
