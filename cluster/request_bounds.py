@@ -37,6 +37,19 @@ def check_fan_out(num_prompts: int, n: int, limit: int) -> None:
         )
 
 
+def check_unicode(text: str, param: str) -> None:
+    """Refuse text that is not a sequence of Unicode scalar values: JSON's "\\ud800" escape gives Python a
+    lone surrogate, which no tokenizer can encode (it was a 500 from the tokenizer)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequestError(
+            f"{param} holds a lone surrogate (U+{ord(text[err.start]):04X}) at character {err.start}: "
+            "send valid Unicode text (surrogates only in escaped pairs)",
+            param=param,
+        ) from None
+
+
 def tokenize_bounded(tokenize: Tokenize, text: str, max_model_len: int) -> list[int]:
     """`tokenize(text)`, or InvalidRequestError as soon as a prefix shows the text cannot fit.
 

@@ -72,13 +72,14 @@ from cluster.openai_protocol import (
     random_id,
 )
 from cluster.outputs import StreamDelta, TokenLogprob
-from cluster.request_bounds import check_fan_out, num_prompts, tokenize_bounded
+from cluster.request_bounds import check_fan_out, check_unicode, num_prompts, tokenize_bounded
 from cluster.sampling_params import SamplingParams
 from cluster.server_metrics import CONTENT_TYPE, ChoiceTimer, ServerMetrics
 from cluster.tokenizer_loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+INGRESS_MAX_ONGOING_REQUESTS = 1024
 RETRY_AFTER_S = 1  # what a 503 (overload, engine restarting) tells clients to wait before retrying
 
 RUNTIME_LORA_ENV = "RAYLORA_ALLOW_RUNTIME_LORA_UPDATING"
@@ -227,7 +228,7 @@ class Endpoint:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
-                  max_ongoing_requests=1024)
+                  max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
 @serve.ingress()
 class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
@@ -346,10 +347,11 @@ class OpenAIIngress:
             return [list(prompt)]
         return [await self._tokenize(item) if isinstance(item, str) else list(item) for item in prompt]
 
-    async def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def _tokenize(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Token ids of a text prompt; a text too long for max_model_len is refused without tokenizing
         all of it."""
         tokenizer = self._text_tokenizer("text prompts", "prompt", "send the prompt as a list of token ids")
+        check_unicode(text, param)
         max_model_len = (await self.replicas.info())["max_model_len"]
         return tokenize_bounded(lambda part: tokenizer(part, add_special_tokens=add_special_tokens).input_ids,
                                 text, max_model_len)
@@ -375,7 +377,7 @@ class OpenAIIngress:
             )
         except Exception as exc:  # no template, or the template rejects these messages
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from None
-        return await self._tokenize(text, add_special_tokens=False)
+        return await self._tokenize(text, add_special_tokens=False, param="messages")
 
     async def _max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
         """vLLM's rule: prompt plus max_tokens must fit max_model_len; unset means what fits."""
@@ -653,6 +655,16 @@ def with_absolute_paths(config: EngineConfig) -> EngineConfig:
     })
 
 
+def proxy_queue_bound(max_waiting_requests: int | None) -> int:
+    """The proxy's queue in front of the ingress, the last resort: a burst beyond what the ingress takes
+    at once (INGRESS_MAX_ONGOING_REQUESTS) waits there up to this, beyond which the proxy answers 503
+    with Retry-After itself, in Serve's plain-text body since the request never reaches this code. Looser
+    than the engines' bound, so in an ordinary overload the engines' 503s (OpenAI format) answer first."""
+    if max_waiting_requests is None:
+        return -1
+    return max(INGRESS_MAX_ONGOING_REQUESTS, 4 * max_waiting_requests)
+
+
 def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     """The Serve application: `import_path: cluster.serve_app:build_app` in a Serve config."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
@@ -663,11 +675,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         # without limit and max_waiting_requests never answers: beyond it Serve raises BackPressureError (503).
         max_queued_requests=config.max_waiting_requests or -1,
     ).bind(config, AdapterCatalog.bind())
-    # And the proxy's queue in front of the ingress: a burst beyond what the ingress takes at once
-    # (max_ongoing_requests) waits there up to max_waiting_requests; beyond that the proxy answers 503
-    # with Retry-After itself (Serve's plain-text body, as the request never reaches this code).
     ingress = OpenAIIngress.options(
-        max_queued_requests=config.max_waiting_requests or -1,
+        max_queued_requests=proxy_queue_bound(config.max_waiting_requests),
         backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
     )
     return ingress.bind(engine, config, parsed.api_key)

@@ -22,7 +22,7 @@ from cluster.config import (
     DEFAULT_MAX_WAITING_REQUESTS,
     EngineConfig,
 )
-from cluster.serve_app import RETRY_AFTER_S, build_app
+from cluster.serve_app import INGRESS_MAX_ONGOING_REQUESTS, RETRY_AFTER_S, build_app, proxy_queue_bound
 from tests.serve.conftest import BASE_NAME, Server, assert_openai_error
 
 APP = "bounded"
@@ -68,12 +68,14 @@ def test_defaults_bound_every_request():
 
 
 def test_every_queue_in_front_of_the_engines_is_bounded(tmp_path):
-    """The proxy's queue before the ingress and the ingress's queue before the engines both stop at
-    max_waiting_requests; beyond, 503 with Retry-After (Serve's own answer at the proxy)."""
-    app = build_app({"engine": {"model": str(tmp_path), "max_waiting_requests": 7}})
+    """The ingress's queue before the engines stops at max_waiting_requests, the proxy's queue before the
+    ingress at a looser bound; beyond either, 503 with Retry-After (Serve's own answer at the proxy)."""
+    app = build_app({"engine": {"model": str(tmp_path), "max_waiting_requests": 700}})
     ingress = app._bound_deployment
     engine = next(arg for arg in ingress.init_args if hasattr(arg, "_bound_deployment"))._bound_deployment
-    assert ingress.max_queued_requests == engine.max_queued_requests == 7
+    assert engine.max_queued_requests == 700
+    assert ingress.max_queued_requests == 2800 == proxy_queue_bound(700)
+    assert proxy_queue_bound(7) == INGRESS_MAX_ONGOING_REQUESTS and proxy_queue_bound(None) == -1
     assert ingress.backpressure_config.retry_after_s == RETRY_AFTER_S
 
 
@@ -113,6 +115,20 @@ def test_a_text_prompt_longer_than_the_context_is_refused_quickly(bounded):
     error = assert_refused(bounded, response, 400, "prompt")
     assert "max_model_len is 64" in error["message"]
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", GOOD | {"prompt": "w5 \ud800 w6"}, "prompt"),
+        ("/v1/completions", GOOD | {"prompt": ["w5", "w6 \udfff"]}, "prompt"),
+        ("/v1/chat/completions", {"model": BASE_NAME, "messages": [{"role": "user", "content": "w5 \ud800"}]},
+         "messages"),
+    ],
+)
+def test_a_lone_surrogate_is_refused(bounded, path, body, param):
+    error = assert_refused(bounded, bounded.post(path, body), 400, param)
+    assert "lone surrogate" in error["message"]
 
 
 @pytest.mark.parametrize("prompt", [[5] * 64, [[5, 6], [5] * 70]])
