@@ -37,7 +37,7 @@ from cluster.prompts import aligned
 from cluster.request_bounds import tokenize_bounded
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch
-from cluster.tokenizer_loading import load_tokenizer
+from cluster.tokenizer_loading import load_tokenizer, require_tokenizer
 from cluster.worker_group import WorkerGroup
 from lora.adapter import load_adapter
 from lora.request import LoRARequest
@@ -189,12 +189,8 @@ class Driver:
 
     def _token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError(
-                    "text prompts need a tokenizer, and this engine runs without one (skip_tokenizer_init): "
-                    "send the prompt as a list of token ids", param="prompt",
-                )
-            tokenizer = self.tokenizer
+            tokenizer = require_tokenizer(self.tokenizer, "text prompts", "prompt",
+                                          "send the prompt as a list of token ids")
             return tokenize_bounded(lambda text: tokenizer(text).input_ids, prompt, self.max_model_len)
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)

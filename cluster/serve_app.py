@@ -75,7 +75,7 @@ from cluster.outputs import StreamDelta, TokenLogprob
 from cluster.request_bounds import check_fan_out, check_unicode, num_prompts, tokenize_bounded
 from cluster.sampling_params import SamplingParams
 from cluster.server_metrics import CONTENT_TYPE, ChoiceTimer, ServerMetrics
-from cluster.tokenizer_loading import load_tokenizer
+from cluster.tokenizer_loading import load_tokenizer, require_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,16 @@ def describe_error(exc: BaseException) -> ErrorResponse:
                             "internal_error")
 
 
+def is_unexpected(status: int, exc: BaseException) -> bool:
+    """Whether the operator's log gets the failure with its traceback: every 500, and a 5xx that is not
+    one of raylora's own (its 503s, at capacity or restarting, are expected states)."""
+    return status == 500 or (status > 500 and as_raylora_error(exc) is None)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     body = describe_error(exc)
     status = int(body.error.code)
-    if status == 500 or (status > 500 and as_raylora_error(exc) is None):  # raylora's own 503s are expected
+    if is_unexpected(status, exc):
         logger.error("request failed (answered %d)", status, exc_info=exc)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None  # the failure is temporary
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
@@ -350,28 +356,20 @@ class OpenAIIngress:
     async def _tokenize(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Token ids of a text prompt; a text too long for max_model_len is refused without tokenizing
         all of it."""
-        tokenizer = self._text_tokenizer("text prompts", "prompt", "send the prompt as a list of token ids")
+        tokenizer = require_tokenizer(self.tokenizer, "text prompts", "prompt", "send the prompt as a list of token ids")
         check_unicode(text, param)
         max_model_len = (await self.replicas.info())["max_model_len"]
         return tokenize_bounded(lambda part: tokenizer(part, add_special_tokens=add_special_tokens).input_ids,
                                 text, max_model_len)
 
-    def _text_tokenizer(self, what: str, param: str, fix: str) -> Any:
-        """The tokenizer, or a 400 saying `what` needs one when the server runs on token ids only."""
-        if self.tokenizer is None:
-            raise InvalidRequestError(
-                f"{what} need a tokenizer, and this server runs without one (skip_tokenizer_init): {fix}",
-                param=param,
-            )
-        return self.tokenizer
-
     async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         """Render the chat template to text, then tokenize it as is: the template adds bos itself."""
-        self._text_tokenizer("chat messages", "messages", "use /v1/completions with a token-id prompt")
+        tokenizer = require_tokenizer(self.tokenizer, "chat messages", "messages",
+                                      "use /v1/completions with a token-id prompt")
         overrides = chat_template_overrides(body.chat_template, body.chat_template_kwargs,
                                             self.config.trust_request_chat_template)
         try:
-            text = self.tokenizer.apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 [message.template_dict() for message in body.messages], tokenize=False,
                 add_generation_prompt=body.add_generation_prompt, **overrides,
             )
@@ -529,7 +527,7 @@ class OpenAIIngress:
         except Exception as exc:
             error = describe_error(exc)
             status = str(error.error.code)
-            if error.error.code == 500 or (error.error.code > 500 and as_raylora_error(exc) is None):
+            if is_unexpected(error.error.code, exc):
                 logger.error("stream failed (answered %s)", status, exc_info=exc)
             yield f"data: {error.model_dump_json()}\n\n"
         finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cluster.config import ConfigError, EngineConfig
+from cluster.errors import InvalidRequestError
 
 # Files one of which every tokenizer transformers can load from a directory has.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -35,6 +36,17 @@ def load_tokenizer(config: EngineConfig) -> PreTrainedTokenizerBase | None:
             "point tokenizer: (--tokenizer PATH) at a directory that has them, or set skip_tokenizer_init: true "
             "(--skip-tokenizer-init) to serve token ids in and out without a tokenizer"
         ) from exc
+
+
+def require_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | None, what: str, param: str, fix: str
+) -> PreTrainedTokenizerBase:
+    """`tokenizer`, or a 400 saying `what` needs one when the engine runs on token ids only."""
+    if tokenizer is None:
+        raise InvalidRequestError(
+            f"{what} need a tokenizer, and this server runs without one (skip_tokenizer_init): {fix}", param=param
+        )
+    return tokenizer
 
 
 def _why(source: str, exc: BaseException) -> str:
