@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import EngineConfig
+from cluster.ingress_mode import INGRESS_MODES, default_mode, prepare_local_ray
 from cluster.process_cpu import CpuSnapshot, cpu_by_role, process_cpu_seconds
 from cluster.serve_stats import RunStats, Slo, summarize
 from cluster.serve_workload import ServeRequest, WorkloadSpec, at_rate, make_workload, requests_for
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server.add_argument("--base-url", help="benchmark this running server instead of starting one")
     server.add_argument("--api-key", default=os.environ.get("RAYLORA_API_KEY"), help="bearer key for --base-url")
     server.add_argument("--port", type=int, default=8123, help="port of the server this run starts")
+    server.add_argument("--ingress", choices=INGRESS_MODES, default=default_mode(),
+                        help="how HTTP reaches the server this run starts (see `raylora serve --help`)")
     server.add_argument("--model", help="HF checkpoint dir; default: a random Llama of --preset made for the run "
                         "(with --base-url: the server's own, if it is on this host)")
     server.add_argument("--preset", default="serve", choices=sorted(PRESETS), help="shape of the random model")
@@ -188,6 +191,7 @@ def start_local_server(args: argparse.Namespace, config: EngineConfig) -> str:
 
     from cluster.serve_app import AppArgs, build_app
 
+    prepare_local_ray(args.ingress)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     serve.run(build_app(AppArgs(engine=config.to_yaml_dict())), name=APP_NAME, route_prefix="/")

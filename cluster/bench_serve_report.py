@@ -105,7 +105,8 @@ def _print_block(title: str, http: RunStats, ceiling: RunStats | None) -> None:
 
 def print_report(report: Report) -> None:
     endpoint = report.endpoint
-    print(f"server {endpoint['base_url']} ({'started by this run' if endpoint['started_here'] else 'given'}), "
+    origin = f"started by this run, ingress {report.args.get('ingress')}" if endpoint["started_here"] else "given"
+    print(f"server {endpoint['base_url']} ({origin}), "
           f"model {endpoint['base_model']}, {endpoint['num_adapters']} adapters")
     slo = report.args.get("slo_ttft_ms"), report.args.get("slo_tpot_ms")
     print(f"goodput SLO: TTFT <= {slo[0] or 'any'} ms, TPOT <= {slo[1] or 'any'} ms; "

@@ -29,6 +29,7 @@ from cluster.config import (
     parse_byte_size,
     read_config_yaml,
 )
+from cluster.ingress_mode import INGRESS_MODES, IngressMode, default_mode
 
 CONFIG_ERROR_STATUS = 2
 
@@ -41,6 +42,7 @@ class ServerOptions:
     port: int = 8000
     api_key: str | None = None
     address: str | None = None  # None: start a local Ray inside this process
+    ingress: IngressMode = "serve-proxy"  # how HTTP reaches the app; only for a Ray this process starts
 
 
 def flag_name(field_name: str) -> str:
@@ -133,6 +135,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument(
         "--address", default=None, help="Ray cluster address to join (default: start a local Ray)"
     )
+    server.add_argument(
+        "--ingress", choices=INGRESS_MODES, default=default_mode(),
+        help="how HTTP reaches the app: Serve's Python proxy, or Ray's HAProxy ingress (faster; its stats "
+        "and metrics ports listen on all interfaces); only for a local Ray (default: %(default)s)",
+    )
 
 
 def build_engine_config(config_path: str | None, overrides: dict[str, Any]) -> EngineConfig:
@@ -147,7 +154,8 @@ def build_engine_config(config_path: str | None, overrides: dict[str, Any]) -> E
 def _serve_from_namespace(args: argparse.Namespace) -> tuple[EngineConfig, ServerOptions]:
     values = vars(args)
     overrides = {name: values[name] for name in EngineConfig.model_fields if name in values}
-    options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, address=args.address)
+    options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key, address=args.address,
+                            ingress=args.ingress)
     return build_engine_config(args.config, overrides), options
 
 

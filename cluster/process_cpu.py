@@ -15,6 +15,8 @@ import psutil
 # (role, substring of the process title), first match wins; the serving path's roles first.
 ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("proxy", "ray::ProxyActor"),
+    ("proxy", "ray::HAProxyManager"),
+    ("proxy", "bin/haproxy"),  # HAProxy itself (`--ingress haproxy`), not a Ray process
     ("ingress", ":OpenAIIngress"),
     ("engine replica", ":LoRAEngine"),
     ("driver", "ray::Driver"),

@@ -24,6 +24,7 @@ from ray import serve
 
 from cluster.cli import ServerOptions
 from cluster.config import EngineConfig
+from cluster.ingress_mode import prepare_local_ray
 from cluster.serve_app import API_KEY_ENV, AppArgs, build_app
 from cluster.tokenizer_loading import load_tokenizer
 
@@ -118,9 +119,11 @@ def _exit_by_deadline() -> None:
 def run_server(config: EngineConfig, options: ServerOptions) -> None:
     """Serve `config` on options.host:options.port until SIGINT or SIGTERM."""
     load_tokenizer(config)  # a missing tokenizer is a ConfigError now, not a replica failing at every retry
+    started_ray = not ray.is_initialized()
+    if started_ray and options.address is None:
+        prepare_local_ray(options.ingress)  # the Ray processes read it when they start
     signals = StopSignals()
     signals.install()
-    started_ray = not ray.is_initialized()
     api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
     startup: Startup | None = None
     try:

@@ -25,13 +25,14 @@ ENGINE_REPLICA = "ServeReplica:raylora:LoRAEngine"
 class RunningServer:
     """A `raylora serve` subprocess on the tiny model, with every process it started, seen so far."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, *extra_args: str) -> None:
         self.port = free_port()
         command = [
             sys.executable, "-m", "cluster.cli", "serve", "--model", model_dir,
             "--served-model-name", "stop-tiny",
             "--device", "cpu", "--dtype", "float32", "--max-model-len", "64", "--cpu-kv-cache-bytes", "2MiB",
             "--torch-threads-per-worker", "1", "--num-cpus-per-worker", "0.5", "--port", str(self.port),
+            *extra_args,
         ]
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
