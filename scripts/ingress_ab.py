@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -30,10 +31,16 @@ def run_once(mode: str, round_index: int, out_dir: Path, bench_args: list[str]) 
     return result
 
 
+def short_name(target_name: str) -> str:
+    """The target's name without what differs between runs (the running count, the load's share)."""
+    name = re.sub(r"\s*\(\d+% of in-process saturation\)", "", target_name)
+    return re.sub(r" at [\d.]+ running", "", name)
+
+
 def figures(report: dict) -> dict[str, float]:
     """Each target's measured value by its name, plus the first rate's latencies and CPU split
     (pass one rate: `--rate R` or `--rates R`)."""
-    values = {target["name"]: target["value"] for target in report["targets"]}
+    values = {short_name(target["name"]): target["value"] for target in report["targets"]}
     run = report["runs"][0]
     http = run["http"]
     values["TTFT p50 ms"] = http["ttft"]["p50"]
@@ -49,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/ingress_ab"))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs already in --out (summarize again)")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
@@ -56,7 +64,9 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for round_index in range(args.rounds):
         for mode in MODES if round_index % 2 == 0 else reversed(MODES):
-            path = run_once(mode, round_index, args.out, bench_args)
+            path = args.out / f"{mode}-{round_index}.json"
+            if not (args.reuse and path.exists()):
+                path = run_once(mode, round_index, args.out, bench_args)
             results[mode].append(figures(json.loads(path.read_text())))
     names = list(results[MODES[0]][0])
     print(f"\n| figure (median of {args.rounds}) | {MODES[0]} | {MODES[1]} | {MODES[1]} / {MODES[0]} |")
