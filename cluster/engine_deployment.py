@@ -62,16 +62,22 @@ class EngineStart:
     delta: StreamDelta | None = None
 
 
-@serve.deployment(
+# Serve's settings for any deployment whose replicas each own an engine.
+ENGINE_DEPLOYMENT_OPTIONS: dict[str, Any] = dict(
     # the workers reserve their own CPUs or GPUs
     ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
-    max_ongoing_requests=256,
     health_check_timeout_s=60,
     health_check_period_s=2,  # how soon Serve notices a dead replica and starts another (default 10 s)
     max_constructor_retry_count=3,  # a bad model path fails the same way every time
 )
-class LoRAEngine:
-    """One engine per replica; its methods are the ingress's only way to the driver."""
+# The deployment's name whichever class serves it: handles, the `ray.get` gateway and tests find the
+# engines by it.
+ENGINE_DEPLOYMENT_NAME = "LoRAEngine"
+
+
+class EngineReplica:
+    """One engine per replica; its methods are the only way to the driver (for the ingress, the `ray.get`
+    gateway, or the HTTP server in the same replica)."""
 
     async def __init__(self, config: EngineConfig, catalog: DeploymentHandle | None = None) -> None:
         from cluster.driver import Driver  # torch and the model stack load only in engine replicas
@@ -213,3 +219,7 @@ class LoRAEngine:
     async def __del__(self) -> None:
         """Stop the step loop and release the workers and their placement group."""
         await self.driver.shutdown()
+
+
+LoRAEngine = serve.deployment(name=ENGINE_DEPLOYMENT_NAME, max_ongoing_requests=256,
+                              **ENGINE_DEPLOYMENT_OPTIONS)(EngineReplica)

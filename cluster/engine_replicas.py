@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from cluster.errors import ModelNotFoundError, as_raylora_error
+from cluster.engine_client import adapter_not_loaded
+from cluster.errors import as_raylora_error
+from cluster.sampling_params import SamplingParams
 from lora.request import LoRARequest
 
 CONTROL_TIMEOUT_S = 120.0
@@ -62,4 +64,17 @@ class EngineReplicas:
         if errors:
             raise _raised(errors[0])
         if not any(results):
-            raise ModelNotFoundError(f"the adapter {lora_name!r} is not loaded", param=param)
+            raise adapter_not_loaded(lora_name, param)
+
+    async def stats(self) -> list[dict[str, int]]:
+        """Each replica's counters (a replica that does not answer is left out)."""
+        return [result for result in await self.broadcast("stats") if isinstance(result, dict)]
+
+    def open_stream(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None,
+                    stream: bool) -> DeploymentResponseGenerator:
+        """A request on the replica Serve picks: the adapter's name as the multiplexed model id routes it
+        to a replica that served the adapter before. The items come over gRPC instead of one Ray object
+        each: 0.14 -> 0.10 ms of the ingress's CPU per streamed token (scripts/serve_cpu.py); control
+        calls keep Ray's transport."""
+        handle = self.handle.options(stream=True, multiplexed_model_id=adapter or "", _by_reference=False)
+        return handle.generate.remote(prompt_token_ids, params, adapter, stream)

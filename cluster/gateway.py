@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from cluster.adapter_names import adapter_of_model_id
+from cluster.engine_deployment import ENGINE_DEPLOYMENT_NAME
 from cluster.engine_replicas import EngineReplicas
 from cluster.errors import InvalidRequestError, ModelNotFoundError, RayLoRAError, as_raylora_error
 from cluster.outputs import GenerationOutput, StreamDelta
@@ -31,7 +32,6 @@ from lora.request import LoRARequest
 logger = logging.getLogger(__name__)
 
 GATEWAY_NAMESPACE = "raylora"
-ENGINE_DEPLOYMENT = "LoRAEngine"
 WATCH_INTERVAL_S = 5.0
 
 Prompt = str | list[int]
@@ -53,7 +53,7 @@ class Gateway:
         from ray import serve
 
         self.app_name = app_name
-        self.engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name)
+        self.engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name=app_name)
         self.replicas = EngineReplicas(self.engine)
         self._watch: asyncio.Task | None = None
 

@@ -1,17 +1,19 @@
-"""The Ray Serve application: an OpenAI-compatible ingress in front of engine replicas.
+"""The Ray Serve application: an OpenAI-compatible HTTP server in front of the engines.
 
-`OpenAIIngress` (FastAPI) is thin: it parses the protocol, tokenizes (chat template included), streams
-server-sent events and turns every error into OpenAI's error format. Each `LoRAEngine` replica owns
-one engine: a driver in the replica's own process and its worker actors. An engine stream's items
-each carry several steps' deltas (the engine's `stream_interval_ms`); each becomes one event.
+`OpenAIServer` (FastAPI) parses the protocol, tokenizes (chat template included), streams server-sent
+events and turns every error into OpenAI's error format. Each engine replica owns one engine: a driver
+in the replica's own process and its worker actors. An engine stream's items each carry several
+steps' deltas (the engine's `stream_interval_ms`); each becomes one event.
 
-Routing: an adapter request carries the adapter's name as Serve's multiplexed model id, so Serve sends
-it preferably to a replica that already served that adapter (warm slots and CPU cache) and spreads it
-only when those replicas are full (`max_ongoing_requests`); base-model requests go anywhere.
-
-Adapters live in the engines, not in the ingress: load, unload, list and stats are broadcast to every
-engine replica, and a replica that starts later copies the adapters its running peers serve, so any
-number of ingress replicas see the same adapters.
+Two shapes, chosen by `build_app`:
+- one engine replica (the default): one deployment, `OpenAIEngine` (named LoRAEngine), whose replica
+  serves HTTP and runs the engine, so deltas go from the step loop to the response in process;
+- several engine replicas: an `OpenAIIngress` deployment in front of the `LoRAEngine` replicas. An
+  adapter request carries the adapter's name as Serve's multiplexed model id, so Serve sends it
+  preferably to a replica that already served that adapter (warm slots and CPU cache) and spreads it
+  only when those replicas are full (`max_ongoing_requests`); base-model requests go anywhere.
+  Adapters live in the engines, not in the ingress: load, unload, list and stats are broadcast to
+  every engine replica, and a replica that starts later copies the adapters its running peers serve.
 """
 
 import asyncio
@@ -31,7 +33,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -40,7 +42,14 @@ from cluster.adapter_names import adapter_of_model_id, check_adapter_name
 from cluster.body_limit import BodySizeLimit
 from cluster.chat_template_policy import chat_template_overrides
 from cluster.config import EngineConfig
-from cluster.engine_deployment import SINGLE_LOOP_ENV, LoRAEngine
+from cluster.engine_client import EngineClient, EngineStream
+from cluster.engine_deployment import (
+    ENGINE_DEPLOYMENT_NAME,
+    ENGINE_DEPLOYMENT_OPTIONS,
+    SINGLE_LOOP_ENV,
+    EngineReplica,
+    LoRAEngine,
+)
 from cluster.engine_replicas import EngineReplicas
 from cluster.errors import (
     InvalidRequestError,
@@ -49,6 +58,7 @@ from cluster.errors import (
     RuntimeUpdatesDisabledError,
     as_raylora_error,
 )
+from cluster.local_engine import LocalEngine
 from cluster.openai_protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -172,7 +182,7 @@ class Choice:
     prompt_token_ids: list[int]
     params: SamplingParams
     timer: ChoiceTimer
-    stream: DeploymentResponseGenerator | None = None
+    stream: EngineStream | None = None
     opening: StreamDelta | None = None  # the first delta, which came with the engine's EngineStart
     replica_id: str = ""
     text: str = ""
@@ -233,19 +243,17 @@ class Endpoint:
     to_chunks: Callable[[Generation, SamplingRequest], AsyncIterator[BaseModel]]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
-                  max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
-@serve.ingress()
-class OpenAIIngress:
-    def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
-        self.engine = engine
+class OpenAIServer:
+    """The OpenAI-compatible endpoints over `engines`; a deployment class below adds where they run."""
+
+    def __init__(self, engines: EngineClient, config: EngineConfig, api_key: str | None = None) -> None:
+        self.engines = engines
         self.config = config
         self.base_model = config.resolved_served_model_name
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
         self.allow_runtime_updates = runtime_lora_updating_allowed(config)
         self.tokenizer = load_tokenizer(config)  # None with skip_tokenizer_init: token ids in and out
         self.metrics = ServerMetrics()
-        self.replicas = EngineReplicas(engine)
         self.completions = Endpoint("cmpl", DEFAULT_COMPLETION_MAX_TOKENS, self._completion_json, self._completion_chunks)
         self.chat_completions = Endpoint("chatcmpl", None, self._chat_json, self._chat_chunks)
 
@@ -292,37 +300,35 @@ class OpenAIIngress:
     async def list_models(self) -> ModelList:
         """vLLM's cards; `root` (vLLM: the model's or adapter's path) only when the operator opts in
         with expose_adapter_paths, since paths tell a client about the server's filesystem."""
-        info = await self.replicas.info()
+        info = await self.engines.info()
         expose = self.config.expose_adapter_paths
         cards = [ModelCard(id=self.base_model, root=self.config.model if expose else None,
                            max_model_len=info["max_model_len"])]
         cards += [ModelCard(id=lora.lora_name, root=lora.lora_path if expose else None, parent=self.base_model)
-                  for lora in await self.replicas.adapters()]
+                  for lora in await self.engines.adapters()]
         return ModelList(data=cards)
 
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         """Validated in every replica's driver before it is listed; any failure undoes the load."""
         self._check_runtime_updates()
         check_adapter_name(body.lora_name)
-        if any(lora.lora_name == body.lora_name for lora in await self.replicas.adapters()):
+        if any(lora.lora_name == body.lora_name for lora in await self.engines.adapters()):
             raise InvalidRequestError(f"the adapter {body.lora_name!r} is already loaded: unload it first",
                                       param="lora_name")
-        await self.replicas.add_adapter(body.lora_name, body.lora_path)
+        await self.engines.add_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         self._check_runtime_updates()
-        await self.replicas.remove_adapter(body.lora_name, param="lora_name")
+        await self.engines.remove_adapter(body.lora_name, param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def health(self) -> Response:
-        await self.replicas.info(refresh=True)
+        await self.engines.info(refresh=True)
         return Response(status_code=200)
 
     async def render_metrics(self) -> Response:
-        results = await self.replicas.broadcast("stats")
-        stats = [result for result in results if isinstance(result, dict)]
-        return Response(self.metrics.render(stats), media_type=CONTENT_TYPE)
+        return Response(self.metrics.render(await self.engines.stats()), media_type=CONTENT_TYPE)
 
     # ---- engine access ------------------------------------------------------------------------
 
@@ -358,7 +364,7 @@ class OpenAIIngress:
         all of it."""
         tokenizer = require_tokenizer(self.tokenizer, "text prompts", "prompt", "send the prompt as a list of token ids")
         check_unicode(text, param)
-        max_model_len = (await self.replicas.info())["max_model_len"]
+        max_model_len = (await self.engines.info())["max_model_len"]
         return tokenize_bounded(lambda part: tokenizer(part, add_special_tokens=add_special_tokens).input_ids,
                                 text, max_model_len)
 
@@ -379,7 +385,7 @@ class OpenAIIngress:
 
     async def _max_tokens(self, prompt_len: int, requested: int | None, default: int | None) -> int:
         """vLLM's rule: prompt plus max_tokens must fit max_model_len; unset means what fits."""
-        max_model_len = (await self.replicas.info())["max_model_len"]
+        max_model_len = (await self.engines.info())["max_model_len"]
         room = max_model_len - prompt_len
         if room < 1:
             raise InvalidRequestError(
@@ -446,10 +452,7 @@ class OpenAIIngress:
                 params = body.sampling_params(max_tokens, num_logprobs, sample)
                 choices.append(Choice(len(choices), prompt, params, self.metrics.timer(label)))
         generation = Generation(model, label, choices, random_id(endpoint.id_prefix))
-        # gRPC to the engine replica instead of one Ray object per item: 0.14 -> 0.10 ms of the ingress's CPU
-        # per streamed token (scripts/serve_cpu.py); control calls keep Ray's transport.
-        handle = self.engine.options(stream=True, multiplexed_model_id=adapter or "", _by_reference=False)
-        opened = await asyncio.gather(*(self._open(handle, choice, adapter, body.stream) for choice in choices),
+        opened = await asyncio.gather(*(self._open(choice, adapter, body.stream) for choice in choices),
                                       return_exceptions=True)
         failures = [result for result in opened if isinstance(result, BaseException)]
         if failures:
@@ -459,11 +462,10 @@ class OpenAIIngress:
             self.metrics.prompt_tokens.labels(label).inc(len(choice.prompt_token_ids))
         return generation
 
-    @staticmethod
-    async def _open(handle: DeploymentHandle, choice: Choice, adapter: str | None, stream: bool) -> None:
+    async def _open(self, choice: Choice, adapter: str | None, stream: bool) -> None:
         """Streamed, the engine's first item carries the first delta; not streamed, the engine sends the
         whole completion as one item after this."""
-        choice.stream = handle.generate.remote(choice.prompt_token_ids, choice.params, adapter, stream)
+        choice.stream = self.engines.open_stream(choice.prompt_token_ids, choice.params, adapter, stream)
         start = await choice.stream.__anext__()
         if isinstance(start, RayLoRAError):
             raise start
@@ -621,6 +623,32 @@ def _worth_sending(delta: StreamDelta, body: SamplingRequest) -> bool:
 
 
 
+# ---- the deployments ----------------------------------------------------------------------------
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
+                  max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
+@serve.ingress()
+class OpenAIIngress(OpenAIServer):
+    """The HTTP server in front of several engine replicas (Serve routes each request by its adapter)."""
+
+    def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
+        super().__init__(EngineReplicas(engine), config, api_key)
+
+
+@serve.deployment(name=ENGINE_DEPLOYMENT_NAME, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+                  **ENGINE_DEPLOYMENT_OPTIONS)
+@serve.ingress()
+class OpenAIEngine(EngineReplica, OpenAIServer):
+    """One engine replica that serves HTTP itself; handles and the `ray.get` gateway reach its engine
+    methods under the engine deployment's usual name."""
+
+    async def __init__(self, config: EngineConfig, catalog: DeploymentHandle | None = None,
+                       api_key: str | None = None) -> None:
+        await EngineReplica.__init__(self, config, catalog)
+        OpenAIServer.__init__(self, LocalEngine(self), config, api_key)
+
+
 # ---- the application builder ------------------------------------------------------------------
 
 
@@ -635,6 +663,10 @@ class AppArgs(BaseModel):
         256, ge=1, description="Requests one engine replica takes before Serve routes elsewhere or queues."
     )
     api_key: str | None = Field(None, description=f"Bearer token for every endpoint; else ${API_KEY_ENV}.")
+    separate_ingress: bool = Field(
+        False, description="An ingress deployment in front of the engine even with one engine replica "
+        "(with several there always is one: it routes each request by its adapter)."
+    )
 
 
 def _absolute(path: str) -> str:
@@ -667,15 +699,15 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     """The Serve application: `import_path: cluster.serve_app:build_app` in a Serve config."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     config = with_absolute_paths(EngineConfig.from_dict(parsed.engine, source="args.engine"))
+    http_bounds = dict(max_queued_requests=proxy_queue_bound(config.max_waiting_requests),
+                       backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S))
+    if parsed.num_replicas == 1 and not parsed.separate_ingress:
+        return OpenAIEngine.options(**http_bounds).bind(config, AdapterCatalog.bind(), parsed.api_key)
     engine = LoRAEngine.options(
         num_replicas=parsed.num_replicas, max_ongoing_requests=parsed.max_ongoing_requests,
         # Serve's queue in front of the engines (at each caller) is bounded too, else a burst waits there
         # without limit and max_waiting_requests never answers: beyond it Serve raises BackPressureError (503).
         max_queued_requests=config.max_waiting_requests or -1,
     ).bind(config, AdapterCatalog.bind())
-    ingress = OpenAIIngress.options(
-        max_queued_requests=proxy_queue_bound(config.max_waiting_requests),
-        backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
-    )
-    return ingress.bind(engine, config, parsed.api_key)
+    return OpenAIIngress.options(**http_bounds).bind(engine, config, parsed.api_key)
 

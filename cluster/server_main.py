@@ -24,6 +24,7 @@ from ray import serve
 
 from cluster.cli import ServerOptions
 from cluster.config import EngineConfig
+from cluster.engine_deployment import ENGINE_DEPLOYMENT_NAME
 from cluster.ingress_mode import prepare_local_ray
 from cluster.serve_app import API_KEY_ENV, AppArgs, build_app
 from cluster.tokenizer_loading import load_tokenizer
@@ -62,7 +63,7 @@ class StopSignals:
 
 
 def served_models(config: EngineConfig) -> list[str]:
-    engine = serve.get_deployment_handle("LoRAEngine", app_name=APP_NAME)
+    engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name=APP_NAME)
     adapters = engine.list_adapters.remote().result(timeout_s=60)
     return [config.resolved_served_model_name] + [adapter.lora_name for adapter in adapters]
 

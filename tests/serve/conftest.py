@@ -53,6 +53,7 @@ class Server:
     api_key: str
     model: TinyModel
     tokenizer: AutoTokenizer
+    app_name: str = APP_NAME
 
     @property
     def headers(self) -> dict[str, str]:
@@ -125,6 +126,22 @@ def server(serve_instance, tiny_model) -> Server:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
     yield Server(serve_instance, API_KEY, tiny_model, tokenizer)
     serve.delete(APP_NAME)
+
+
+@pytest.fixture(scope="session")
+def direct_server(serve_instance, tiny_model) -> Server:
+    """The main application's settings with one engine replica: the shape where that replica serves HTTP
+    itself (no ingress deployment)."""
+    serve.run(build_app(app_args(tiny_model) | {"num_replicas": 1}), name="direct", route_prefix="/direct")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model.base)
+    yield Server(serve_instance + "/direct", API_KEY, tiny_model, tokenizer, app_name="direct")
+    serve.delete("direct")
+
+
+@pytest.fixture(params=["ingress and 2 engines", "1 engine serving HTTP"])
+def either_server(request) -> Server:
+    """Each application shape in turn, for the tests whose promise must hold in both."""
+    return request.getfixturevalue("server" if request.param.startswith("ingress") else "direct_server")
 
 
 @pytest.fixture(scope="session")

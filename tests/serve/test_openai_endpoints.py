@@ -39,7 +39,8 @@ def test_models_lists_base_and_adapters_with_parent(server):
 
 
 @pytest.mark.parametrize("model", [BASE_NAME, "alpha", f"{BASE_NAME}:alpha"])
-def test_completion_token_ids_match_peft(server, oracle, model):
+def test_completion_token_ids_match_peft(either_server, oracle, model):
+    server = either_server
     prompt = [5, 17, 42, 99, 7, 130]
     out = server.openai().completions.create(model=model, prompt=prompt, max_tokens=12, **GREEDY)
     choice = out.choices[0]
@@ -52,7 +53,8 @@ def test_completion_token_ids_match_peft(server, oracle, model):
         assert expected != reference_greedy(oracle[BASE_NAME], prompt, 12)
 
 
-def test_chat_applies_the_template_and_matches_peft(server, oracle):
+def test_chat_applies_the_template_and_matches_peft(either_server, oracle):
+    server = either_server
     messages = [{"role": "user", "content": "w9 w10 w11"}, {"role": "assistant", "content": "w12"},
                 {"role": "user", "content": "w13 w14"}]
     prompt = chat_prompt_ids(server, messages)
@@ -81,7 +83,8 @@ def test_every_prompt_form_gives_the_same_completions(server):
     assert extra(single_text.choices[0], "token_ids") == extra(single_ids.choices[0], "token_ids") == ids[2]
 
 
-def test_completion_stream_equals_non_stream(server):
+def test_completion_stream_equals_non_stream(either_server):
+    server = either_server
     client = server.openai()
     settings = dict(model="alpha", prompt=["w5 w6 w7", "w8"], max_tokens=9, n=2, **GREEDY)
     whole = client.completions.create(**settings)
@@ -101,7 +104,8 @@ def test_completion_stream_equals_non_stream(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
 
 
-def test_chat_stream_equals_non_stream(server):
+def test_chat_stream_equals_non_stream(either_server):
+    server = either_server
     client = server.openai()
     settings = dict(model=BASE_NAME, messages=[{"role": "user", "content": "w20 w21"}], max_tokens=8, **GREEDY)
     whole = client.chat.completions.create(**settings)
@@ -174,3 +178,18 @@ def test_adapter_requests_stay_on_one_replica(server):
         assert all("," not in replica for replica in base | replicas)
     finally:
         server.post("/v1/unload_lora_adapter", {"lora_name": "sticky"})
+
+
+def test_one_engine_replica_serves_http_itself_and_several_sit_behind_an_ingress(server, direct_server):
+    """The two shapes build_app makes: the single replica is the whole application's HTTP server."""
+    from ray import serve
+
+    applications = serve.status().applications
+    assert set(applications[direct_server.app_name].deployments) == {"LoRAEngine", "AdapterCatalog"}
+    assert set(applications[server.app_name].deployments) == {"OpenAIIngress", "LoRAEngine", "AdapterCatalog"}
+    for shape in (server, direct_server):
+        models = {card["id"] for card in shape.get("/v1/models").json()["data"]}
+        assert {BASE_NAME, "alpha"} <= models
+        assert shape.get("/health").status_code == 200
+        engines = 2 if shape is server else 1
+        assert f"raylora_engines {float(engines)}" in shape.get("/metrics").text

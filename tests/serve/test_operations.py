@@ -10,7 +10,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from tests.serve.conftest import APP_NAME, BASE_NAME, assert_openai_error, sse_events
+from tests.serve.conftest import BASE_NAME, assert_openai_error, sse_events
 
 
 def engine_stats(app_name: str) -> list[dict[str, int]]:
@@ -77,7 +77,8 @@ def test_full_waiting_queue_answers_503_with_retry_after(locked_server):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_disconnect_aborts_the_request(server, stream):
+def test_client_disconnect_aborts_the_request(either_server, stream):
+    server = either_server
     body = {"model": BASE_NAME, "prompt": [5, 6, 7], "max_tokens": 240, "n": 4, "ignore_eos": True}
     started = time.monotonic()
     assert server.post("/v1/completions", body).status_code == 200
@@ -90,7 +91,7 @@ def test_client_disconnect_aborts_the_request(server, stream):
     else:
         with pytest.raises(requests.exceptions.Timeout):
             requests.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=full_run / 5)
-    assert wait_idle(APP_NAME, limit_s=full_run / 2) < full_run / 2
+    assert wait_idle(server.app_name, limit_s=full_run / 2) < full_run / 2
 
 
 def test_stream_is_server_sent_events_ending_in_done(server):
