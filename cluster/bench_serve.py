@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server.add_argument("--port", type=int, default=8123, help="port of the server this run starts")
     server.add_argument("--ingress", choices=INGRESS_MODES, default=default_mode(),
                         help="how HTTP reaches the server this run starts (see `raylora serve --help`)")
+    server.add_argument("--separate-ingress", action="store_true",
+                        help="an ingress deployment in front of the one engine replica (default: the engine "
+                        "replica serves HTTP itself)")
     server.add_argument("--model", help="HF checkpoint dir; default: a random Llama of --preset made for the run "
                         "(with --base-url: the server's own, if it is on this host)")
     server.add_argument("--preset", default="serve", choices=sorted(PRESETS), help="shape of the random model")
@@ -194,7 +197,8 @@ def start_local_server(args: argparse.Namespace, config: EngineConfig) -> str:
     prepare_local_ray(args.ingress)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(AppArgs(engine=config.to_yaml_dict())), name=APP_NAME, route_prefix="/")
+    app_args = AppArgs(engine=config.to_yaml_dict(), separate_ingress=args.separate_ingress)
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{args.port}"
 
 

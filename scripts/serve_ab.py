@@ -1,0 +1,104 @@
+"""Two server variants, interleaved: `raylora bench serve` run in turn with each variant's flags
+(A B, B A, ...), each run's JSON kept, then the median of each issue-11 target figure, the latencies
+and the CPU split per variant and their ratio (B / A) printed as a Markdown table.
+
+    python scripts/serve_ab.py --rounds 2 --out /tmp/serve_ab \\
+        --a "proxy+ingress=--ingress serve-proxy --separate-ingress" --b "haproxy+direct=--ingress haproxy" \\
+        -- --rates 5 --duration 30 --slo-ttft-ms 2000 --slo-tpot-ms 100
+
+Everything after `--` goes to every run unchanged (give one rate: the table reads the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    flags: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        name, _, flags = text.partition("=")
+        if not name or not re.fullmatch(r"[\w+.-]+", name):
+            raise argparse.ArgumentTypeError(f"expected NAME=FLAGS with a file-safe NAME, got {text!r}")
+        return cls(name, shlex.split(flags))
+
+
+def run_once(variant: Variant, round_index: int, out_dir: Path, bench_args: list[str]) -> Path:
+    result = out_dir / f"{variant.name}-{round_index}.json"
+    command = [sys.executable, "-m", "cluster.cli", "bench", "serve", *variant.flags, "--no-progress",
+               "--json", str(result), *bench_args]
+    print(f"== round {round_index}, {variant.name}: {' '.join(command[3:])}", flush=True)
+    with open(out_dir / f"{variant.name}-{round_index}.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return result
+
+
+def short_name(target_name: str) -> str:
+    """The target's name without what differs between runs (the running count, the load's share)."""
+    name = re.sub(r"\s*\(\d+% of in-process saturation\)", "", target_name)
+    return re.sub(r" at [\d.]+ running", "", name)
+
+
+def figures(report: dict) -> dict[str, float]:
+    """Each target's measured value by its name, plus the first rate's latencies and CPU split."""
+    values = {short_name(target["name"]): target["value"] for target in report["targets"]}
+    run = report["runs"][0]
+    http = run["http"]
+    values["TTFT p50 ms"] = http["ttft"]["p50"]
+    values["TTFT p99 ms"] = http["ttft"]["p99"]
+    values["TPOT p50 ms"] = http["tpot"]["p50"]
+    values["delivered tok/s"] = http["delivered_tokens_per_s"]
+    for role, value in run["cpu_ms_per_streamed_token"].items():
+        values[f"CPU ms/token: {role}"] = value
+    return values
+
+
+def median_of(runs: list[dict[str, float]], name: str) -> float | None:
+    values = [run[name] for run in runs if name in run]
+    return statistics.median(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", type=Variant.parse, required=True, help="NAME=FLAGS of the first variant")
+    parser.add_argument("--b", type=Variant.parse, required=True, help="NAME=FLAGS of the second variant")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/serve_ab"))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs already in --out (summarize again)")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = (args.a, args.b)
+    results: dict[str, list[dict[str, float]]] = {variant.name: [] for variant in variants}
+    for round_index in range(args.rounds):
+        for variant in variants if round_index % 2 == 0 else reversed(variants):
+            path = args.out / f"{variant.name}-{round_index}.json"
+            if not (args.reuse and path.exists()):
+                path = run_once(variant, round_index, args.out, bench_args)
+            results[variant.name].append(figures(json.loads(path.read_text())))
+    a, b = (results[variant.name] for variant in variants)
+    names = list(dict.fromkeys([*a[0], *b[0]]))
+    print(f"\n| figure (median of {args.rounds}) | {args.a.name} | {args.b.name} | {args.b.name} / {args.a.name} |")
+    print("| --- | --- | --- | --- |")
+    for name in names:
+        value_a, value_b = median_of(a, name), median_of(b, name)
+        ratio = f"{value_b / value_a:.2f}" if value_a and value_b is not None else "-"
+        shown = [f"{value:.3g}" if value is not None else "-" for value in (value_a, value_b)]
+        print(f"| {name} | {shown[0]} | {shown[1]} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
