@@ -660,7 +660,8 @@ class AppArgs(BaseModel):
     engine: dict[str, Any] = Field(description="EngineConfig fields, as in an engine YAML.")
     num_replicas: int = Field(1, ge=1, description="Engine replicas; each owns a whole engine.")
     max_ongoing_requests: int = Field(
-        256, ge=1, description="Requests one engine replica takes before Serve routes elsewhere or queues."
+        256, ge=1, description="With several engine replicas: requests one takes before Serve routes elsewhere "
+        "or queues (one replica serving HTTP itself takes what the engine's own max_waiting_requests allows)."
     )
     api_key: str | None = Field(None, description=f"Bearer token for every endpoint; else ${API_KEY_ENV}.")
     separate_ingress: bool = Field(

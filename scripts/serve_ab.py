@@ -1,9 +1,10 @@
-"""Two server variants, interleaved: `raylora bench serve` run in turn with each variant's flags
-(A B, B A, ...), each run's JSON kept, then the median of each issue-11 target figure, the latencies
-and the CPU split per variant and their ratio (B / A) printed as a Markdown table.
+"""Server variants, interleaved: `raylora bench serve` run in turn with each variant's flags (A B C,
+C B A, ...), each run's JSON kept, then the median of each issue-11 target figure, the latencies and
+the CPU split per variant, and each one's ratio to the first, printed as a Markdown table.
 
     python scripts/serve_ab.py --rounds 2 --out /tmp/serve_ab \\
-        --a "proxy+ingress=--ingress serve-proxy --separate-ingress" --b "haproxy+direct=--ingress haproxy" \\
+        --variant "proxy+ingress=--ingress serve-proxy --separate-ingress" \\
+        --variant "haproxy+direct=--ingress haproxy" \\
         -- --rates 5 --duration 30 --slo-ttft-ms 2000 --slo-tpot-ms 100
 
 Everything after `--` goes to every run unchanged (give one rate: the table reads the first).
@@ -72,8 +73,8 @@ def median_of(runs: list[dict[str, float]], name: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--a", type=Variant.parse, required=True, help="NAME=FLAGS of the first variant")
-    parser.add_argument("--b", type=Variant.parse, required=True, help="NAME=FLAGS of the second variant")
+    parser.add_argument("--variant", type=Variant.parse, action="append", required=True,
+                        help="NAME=FLAGS, at least two; ratios are to the first")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/serve_ab"))
     parser.add_argument("--reuse", action="store_true", help="keep the runs already in --out (summarize again)")
@@ -81,7 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = (args.a, args.b)
+    variants = args.variant
+    if len(variants) < 2:
+        parser.error("give at least two --variant")
     results: dict[str, list[dict[str, float]]] = {variant.name: [] for variant in variants}
     for round_index in range(args.rounds):
         for variant in variants if round_index % 2 == 0 else reversed(variants):
@@ -89,16 +92,18 @@ def main() -> None:
             if not (args.reuse and path.exists()):
                 path = run_once(variant, round_index, args.out, bench_args)
             results[variant.name].append(figures(json.loads(path.read_text())))
-    a, b = (results[variant.name] for variant in variants)
-    names = list(dict.fromkeys([*a[0], *b[0]]))
-    print(f"\n| figure (median of {args.rounds}) | {args.a.name} | {args.b.name} | {args.b.name} / {args.a.name} |")
-    print("| --- | --- | --- | --- |")
+    first = variants[0].name
+    names = list(dict.fromkeys(name for runs in results.values() for name in runs[0]))
+    header = " | ".join(variant.name for variant in variants)
+    ratios = " | ".join(f"{variant.name} / {first}" for variant in variants[1:])
+    print(f"\n| figure (median of {args.rounds}) | {header} | {ratios} |")
+    print("|" + " --- |" * (1 + 2 * len(variants) - 1))
     for name in names:
-        value_a, value_b = median_of(a, name), median_of(b, name)
-        ratio = f"{value_b / value_a:.2f}" if value_a and value_b is not None else "-"
-        shown = [f"{value:.3g}" if value is not None else "-" for value in (value_a, value_b)]
-        print(f"| {name} | {shown[0]} | {shown[1]} | {ratio} |")
-
+        medians = [median_of(results[variant.name], name) for variant in variants]
+        shown = [f"{value:.3g}" if value is not None else "-" for value in medians]
+        base = medians[0]
+        shown += [f"{value / base:.2f}" if base and value is not None else "-" for value in medians[1:]]
+        print(f"| {name} | {' | '.join(shown)} |")
 
 if __name__ == "__main__":
     main()
