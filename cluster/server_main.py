@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 APP_NAME = "raylora"
 POLL_S = 0.2
 SERVE_STOP_S = 5.0  # Serve's graceful stop of the application (in-flight requests drain); then Ray is stopped
+STARTUP_JOIN_S = 3.0  # for the startup thread to leave Ray's calls once the application is gone
 EXIT_DEADLINE_S = 30.0  # from the signal to the process's end, whatever hangs
 
 
@@ -152,6 +153,10 @@ def run_server(config: EngineConfig, options: ServerOptions) -> None:
         try:
             if ray.is_initialized():
                 _stop_serve(started_ray)
+            if startup is not None:
+                # serve.run notices the deleted application and returns; a thread still inside Ray when Ray
+                # shuts down ends this process at once, before Ray's own processes are stopped.
+                startup.join(STARTUP_JOIN_S)
         finally:
             if started_ray:
                 ray.shutdown()

@@ -68,15 +68,21 @@ def test_defaults_bound_every_request():
 
 
 def test_every_queue_in_front_of_the_engines_is_bounded(tmp_path):
-    """The ingress's queue before the engines stops at max_waiting_requests, the proxy's queue before the
-    ingress at a looser bound; beyond either, 503 with Retry-After (Serve's own answer at the proxy)."""
-    app = build_app({"engine": {"model": str(tmp_path), "max_waiting_requests": 700}})
-    ingress = app._bound_deployment
-    engine = next(arg for arg in ingress.init_args if hasattr(arg, "_bound_deployment"))._bound_deployment
-    assert engine.max_queued_requests == 700
-    assert ingress.max_queued_requests == 2800 == proxy_queue_bound(700)
+    """With several engine replicas, the ingress's queue before the engines stops at max_waiting_requests,
+    the proxy's queue before the ingress at a looser bound; with one replica serving HTTP itself, the
+    proxy's queue before it has the looser bound and the engine's own waiting queue the tighter one.
+    Beyond any of them, 503 with Retry-After (Serve's own answer at the proxy)."""
+    engine_args = {"model": str(tmp_path), "max_waiting_requests": 700}
+    ingress = build_app({"engine": engine_args, "num_replicas": 2})._bound_deployment
+    engine = next(arg for arg in ingress.init_args if getattr(arg, "_bound_deployment", None)
+                  and arg._bound_deployment.name == "LoRAEngine")._bound_deployment
+    assert ingress.name == "OpenAIIngress" and engine.max_queued_requests == 700
+    direct = build_app({"engine": engine_args})._bound_deployment
+    assert direct.name == "LoRAEngine" and direct.init_args[0].max_waiting_requests == 700
+    for serving in (ingress, direct):
+        assert serving.max_queued_requests == 2800 == proxy_queue_bound(700)
+        assert serving.backpressure_config.retry_after_s == RETRY_AFTER_S
     assert proxy_queue_bound(7) == INGRESS_MAX_ONGOING_REQUESTS and proxy_queue_bound(None) == -1
-    assert ingress.backpressure_config.retry_after_s == RETRY_AFTER_S
 
 
 def test_a_body_over_the_limit_is_413(bounded):
