@@ -34,7 +34,7 @@ from cluster.lora_registry import AdapterInfo, LoRARegistry
 from cluster.model_checks import check_tensor_parallel, resolve_max_model_len
 from cluster.outputs import GenerationOutput, StreamDelta
 from cluster.prompts import aligned
-from cluster.request_bounds import tokenize_bounded
+from cluster.request_bounds import check_unicode, tokenize_bounded
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch
 from cluster.tokenizer_loading import load_tokenizer, require_tokenizer
@@ -191,6 +191,7 @@ class Driver:
         if isinstance(prompt, str):
             tokenizer = require_tokenizer(self.tokenizer, "text prompts", "prompt",
                                           "send the prompt as a list of token ids")
+            check_unicode(prompt, "prompt")
             return tokenize_bounded(lambda text: tokenizer(text).input_ids, prompt, self.max_model_len)
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)

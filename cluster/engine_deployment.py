@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.config import EngineConfig
 from cluster.errors import ModelNotFoundError, RayLoRAError, as_raylora_error
+from cluster.memory_release import BurstTrimmer
 from cluster.outputs import StreamDelta
 from cluster.sampling_params import SamplingParams
 from lora.request import LoRARequest
@@ -88,6 +89,7 @@ class EngineReplica:
         self.deployment_name = context.deployment
         self.config = config
         self.catalog = catalog
+        self.memory = BurstTrimmer()  # freed heap back to the OS once a burst has drained
         self.driver = Driver(config)
         await self.driver.start()  # its step loop is a task on this event loop from here on
         await self._load_recorded_adapters()
@@ -165,25 +167,26 @@ class EngineReplica:
         A refused request (bad input, unknown adapter, full queue) yields its error instead of raising:
         it is an answer for the client, not a failed call that Serve would log with a traceback.
         """
-        request_id = uuid.uuid4().hex
-        try:
-            self.driver.submit(prompt_token_ids, params, adapter, request_id)
-        except RayLoRAError as exc:
-            yield as_raylora_error(exc)
-            return
-        interval_s = self.config.stream_interval_ms / 1000 if stream else math.inf
-        deltas = self.driver.deltas(request_id, interval_s)
-        try:
-            if adapter:
-                await self._note_adapter(adapter)  # accepted, so this replica serves the adapter
-            first = await anext(deltas) if stream else None
-            yield EngineStart(self.replica_id, request_id, first)
-            if first is None or not first.finished:
-                async for delta in deltas:
-                    yield delta
-        finally:  # the caller went away, or the engine failed: free the request now
-            await deltas.aclose()
-            self.driver.release(request_id)
+        with self.memory.request():  # in flight until the stream ends; no extra generator per item
+            request_id = uuid.uuid4().hex
+            try:
+                self.driver.submit(prompt_token_ids, params, adapter, request_id)
+            except RayLoRAError as exc:
+                yield as_raylora_error(exc)
+                return
+            interval_s = self.config.stream_interval_ms / 1000 if stream else math.inf
+            deltas = self.driver.deltas(request_id, interval_s)
+            try:
+                if adapter:
+                    await self._note_adapter(adapter)  # accepted, so this replica serves the adapter
+                first = await anext(deltas) if stream else None
+                yield EngineStart(self.replica_id, request_id, first)
+                if first is None or not first.finished:
+                    async for delta in deltas:
+                        yield delta
+            finally:  # the caller went away, or the engine failed: free the request now
+                await deltas.aclose()
+                self.driver.release(request_id)
 
     async def list_adapters(self) -> list[LoRARequest]:
         return await self.driver.list_loras()

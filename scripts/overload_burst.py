@@ -2,9 +2,11 @@
 
     python scripts/overload_burst.py --url http://127.0.0.1:8000 --requests 2000
 
-RSS is summed over this machine's processes whose command line names a Serve replica of the engine
-(`ServeReplica:...LoRAEngine`) and the ingress, read before the burst, right after it and after a pause:
-the refused requests must leave nothing behind (issue 12, item 3).
+RSS of this machine's processes whose command line names a Serve replica of the engine
+(`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`) or Serve's HTTP proxy (`ray::ProxyActor`),
+read before the burst, right after it and after a pause: a burst must leave nothing behind (issue 12,
+item 3). `--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
+from a leak (growing every round); `--json` prints the figures as one JSON object too.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import time
 from pathlib import Path
 
 import aiohttp
 
+PROCESS_TITLES = ("LoRAEngine", "OpenAIIngress", "ProxyActor")
+
 
 def replica_rss_mib() -> dict[str, float]:
-    """RSS in MiB of each local Serve replica process of the application (by its process title)."""
+    """RSS in MiB of each local Serve replica process of the application and of Serve's proxy (by process title)."""
     sizes: dict[str, float] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "ServeReplica:" not in title or ("LoRAEngine" not in title and "OpenAIIngress" not in title):
+            if not title.startswith("ray::") or not any(name in title.split()[0] for name in PROCESS_TITLES):
                 continue
             rss_kib = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
                            if line.startswith("VmRSS:"))
@@ -63,22 +68,30 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--settle-s", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=1, help="bursts, each followed by the pause")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
     args = parser.parse_args()
     before = replica_rss_mib()
-    start = time.monotonic()
-    samples: dict[str, bytes] = {}
-    statuses = asyncio.run(burst(args.url, args.model, args.requests, args.max_tokens, args.api_key, samples))
-    elapsed = time.monotonic() - start
-    after = replica_rss_mib()
-    time.sleep(args.settle_s)
-    settled = replica_rss_mib()
-    print(f"{args.requests} requests in {elapsed:.1f} s: {dict(statuses)}")
-    for status, body in samples.items():
-        if not status.startswith("200"):
-            print(f"  a {status} body: {body!r}")
-    for name in sorted(before):
-        print(f"{name}: RSS {before[name]:.0f} MiB before, {after.get(name, 0):.0f} right after, "
-              f"{settled.get(name, 0):.0f} after {args.settle_s:.0f} s")
+    report: dict = {"before": before, "rounds": []}
+    for round_index in range(args.rounds):
+        start = time.monotonic()
+        samples: dict[str, bytes] = {}
+        statuses = asyncio.run(burst(args.url, args.model, args.requests, args.max_tokens, args.api_key, samples))
+        elapsed = time.monotonic() - start
+        after = replica_rss_mib()
+        time.sleep(args.settle_s)
+        settled = replica_rss_mib()
+        report["rounds"].append({"statuses": dict(statuses), "seconds": round(elapsed, 1),
+                                 "right_after": after, "settled": settled})
+        print(f"round {round_index + 1}: {args.requests} requests in {elapsed:.1f} s: {dict(statuses)}")
+        for status, body in samples.items():
+            if not status.startswith("200"):
+                print(f"  a {status} body: {body!r}")
+        for name in sorted(before):
+            print(f"  {name}: RSS {before[name]:.0f} MiB before, {after.get(name, 0):.0f} right after, "
+                  f"{settled.get(name, 0):.0f} after {args.settle_s:.0f} s")
+    if args.json:
+        print(json.dumps(report))
 
 
 if __name__ == "__main__":

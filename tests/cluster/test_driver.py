@@ -54,6 +54,14 @@ def test_bad_prompt_is_a_clear_error_and_engine_keeps_serving(driver, prompt, fr
     good_request_still_served(driver)
 
 
+def test_lone_surrogate_in_a_string_prompt_is_a_clear_error_naming_the_field(driver):
+    """The handle gets the HTTP API's check (request_bounds.check_unicode), not the tokenizer's crash."""
+    with pytest.raises(InvalidRequestError, match=r"prompt holds a lone surrogate \(U\+D800\) at character 3") as info:
+        ray.get(driver.generate.remote(["w5 w6", "w5 \ud800 w6"], GREEDY))
+    assert info.value.param == "prompt"
+    good_request_still_served(driver)
+
+
 @pytest.mark.parametrize("settings", [{"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -1}, {"top_p": 0}])
 def test_bad_sampling_params_refused_at_construction(settings):
     with pytest.raises(InvalidRequestError, match=next(iter(settings))):
