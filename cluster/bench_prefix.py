@@ -118,6 +118,10 @@ def run_caching_comparison(args: argparse.Namespace, scratch: Path) -> list[Cach
         requests = [] if multi_turn else shared_prefix_requests(spec)
         convs = conversations(spec) if multi_turn else []
         max_len = max_context(spec, multi_turn)
+    model_len = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", max_len)
+    if max_len > model_len:
+        raise SystemExit(f"the workload's longest prompt plus completion ({max_len} tokens) exceeds the model's "
+                         f"{model_len}: lower --prefix-len, --suffix-len, --output-len or --turns")
     adapters = bench_serve.write_adapters(model_dir, scratch / "adapters", num_adapters, args.max_lora_rank)
     runs = []
     for caching in (True, False):
