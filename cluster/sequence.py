@@ -39,7 +39,7 @@ class Sequence:
     num_computed_tokens: int = 0
     # prefix caching: keys of its full blocks (a chain over its tokens, kept across preemption), how
     # many of its blocks were offered to the cache, and how many tokens its last admission found cached
-    block_hashes: list[bytes] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
     num_cached_blocks: int = 0
     num_cached_tokens: int = 0
     num_inflight_tokens: int = 0
