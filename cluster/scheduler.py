@@ -153,9 +153,10 @@ class Scheduler:
         """Admit waiting sequences in arrival order while every limit holds; True if any was.
 
         Without chunked prefill a prompt is admitted whole or waits; with it the last one admitted
-        may be a first chunk. A prompt starting with cached blocks computes only the rest. Once a request is held back for want of an adapter slot, later
-        adapter requests are held too, so the active adapters drain and the oldest waiting adapter
-        gets the next slot. Base-model requests never wait for slots.
+        may be a first chunk. A prompt starting with cached blocks computes only the rest. Once a
+        request is held back for want of an adapter slot, later adapter requests are held too, so
+        the active adapters drain and the oldest waiting adapter gets the next slot. Base-model
+        requests never wait for slots.
         """
         chunked = self.limits.enable_chunked_prefill
         admitted: list[Sequence] = []
