@@ -144,6 +144,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     report.add_argument("--json", help="write every figure to this file")
     report.add_argument("--plot", help="draw latency against delivered throughput to this PNG (needs matplotlib)")
     report.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from cluster.bench_prefix import add_arguments
+
+    add_arguments(parser)
     args = parser.parse_args(argv)
     if args.plot:
         from cluster.bench_serve_plot import require_matplotlib
@@ -440,6 +443,10 @@ def mirror_config(args: argparse.Namespace, endpoint: Endpoint) -> EngineConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workload != "default":  # prefix caching on against off
+        from cluster.bench_prefix import main as compare_caching
+
+        return compare_caching(args)
     from cluster.bench_serve_report import print_report, report_json
 
     with tempfile.TemporaryDirectory() as scratch:

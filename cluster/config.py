@@ -192,6 +192,12 @@ class EngineConfig(BaseModel):
         "the tokens still in flight in themselves), hiding the driver-worker round trip; a sequence that "
         "stops on EOS or a stop string then computes one token that is dropped.",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV blocks of a prompt prefix already computed (vLLM's automatic prefix caching, "
+        "on by default as in its V1 engine): full blocks are keyed by SHA-256 over their tokens, their parent "
+        "block and the adapter's registration, shared read-only, and kept after use until the memory is needed.",
+    )
     block_size: int = Field(16, description="Tokens per KV cache block (a power of 2).")
     gpu_memory_utilization: float = Field(
         0.9, description="Fraction of GPU memory for weights and KV cache on CUDA, in (0, 1]."

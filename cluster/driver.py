@@ -119,6 +119,9 @@ class Driver:
             "num_free_blocks": self.engine.block_manager.num_free_blocks,
             "num_restarts": self.num_restarts,
             "num_pending": len(self._pending),  # requests whose caller has not read their end yet
+            "prefix_cache_queries": self.engine.block_manager.stats.queries,  # prompt tokens looked up
+            "prefix_cache_hits": self.engine.block_manager.stats.hits,  # of which found cached
+            "num_cached_blocks": self.engine.block_manager.num_cached_blocks,
         }
         if self.engine.slots is not None:
             slot_stats = self.engine.slots.stats

@@ -20,6 +20,7 @@ from cluster.errors import InvalidRequestError
 from cluster.lora_registry import AdapterInfo
 from cluster.model_checks import check_kv_capacity, resolve_max_model_len, resolve_max_num_batched_tokens
 from cluster.outputs import StreamDelta, TokenLogprob
+from cluster.prefix_hash import adapter_salt
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from cluster.sequence import Sequence
@@ -53,6 +54,7 @@ class EngineLimits:
     scheduler: SchedulerLimits
     eos_token_ids: frozenset[int]
     num_scheduler_steps: int = 1
+    enable_prefix_caching: bool = False
 
     @staticmethod
     def resolve(
@@ -72,6 +74,7 @@ class EngineLimits:
             ),
             eos_token_ids=eos_token_ids(config.model, tokenizer, model.eos_token_ids),
             num_scheduler_steps=config.num_scheduler_steps,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
 
 
@@ -96,7 +99,7 @@ class EngineCore:
     ) -> None:
         self.limits = limits
         self.tokenizer = tokenizer
-        self.block_manager = BlockManager(limits.num_blocks, limits.block_size)
+        self.block_manager = BlockManager(limits.num_blocks, limits.block_size, limits.enable_prefix_caching)
         self.scheduler = Scheduler(limits.scheduler, self.block_manager)
         self.slots = SlotTable(limits.scheduler.max_loras) if enable_lora else None
         self.requests: dict[str, RequestState] = {}
@@ -148,6 +151,8 @@ class EngineCore:
         seq = Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=list(map(int, prompt_token_ids)),
             sampling=params, lora=lora, noise_seed=noise_seed, rope_table=adapter.rope_table,
+            cache_salt=adapter_salt(lora.lora_int_id, adapter.identity, adapter.rope_table, adapter.extra_tokens)
+            if lora is not None else adapter_salt(),
         )
         detokenizer = (
             NoDetokenizer() if self.tokenizer is None
@@ -224,6 +229,7 @@ class EngineCore:
         for seq, samples in zip(seqs, batch.samples):
             if samples:
                 seq.num_inflight_tokens += batch.num_steps
+            self.block_manager.cache_full_blocks(seq)  # the step is built: its blocks' K/V will be written
         return step
 
     def _order_by_slot(self, batch: ScheduledBatch) -> tuple[list[SlotLoad], np.ndarray]:

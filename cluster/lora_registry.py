@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cluster.adapter_names import adapter_of_model_id, check_adapter_name
 from cluster.errors import InvalidRequestError, ModelNotFoundError
@@ -16,6 +17,9 @@ class AdapterInfo:
 
     extra_tokens: int = 0  # added tokens, ids from the base vocabulary size on
     rope_table: int = 0  # long-context adapters: 1 + index of their factor in long_lora_scaling_factors
+    # unique per registration, so KV blocks cached under an unloaded adapter never serve a new one
+    # registered under the same name (prefix caching keys blocks by it); empty = no registry
+    identity: bytes = b""
 
 
 class LoRARegistry:
@@ -47,7 +51,7 @@ class LoRARegistry:
         request = LoRARequest(name, self._next_id, path)
         self._next_id += 1
         self._by_name[name] = request
-        self._info[name] = info
+        self._info[name] = replace(info, identity=secrets.token_bytes(16))
         return request
 
     def register(self, request: LoRARequest) -> LoRARequest:

@@ -54,7 +54,8 @@ class ScheduledBatch:
 
     @property
     def is_prefill(self) -> bool:
-        """Every sequence starts from an empty cache: attention needs only the step's own keys."""
+        """Every sequence starts from an empty cache: attention needs only the step's own keys (a
+        prompt starting with cached blocks starts after them, so it reads the cache)."""
         return all(start == 0 for start in self.start_positions)
 
     @property
@@ -152,9 +153,10 @@ class Scheduler:
         """Admit waiting sequences in arrival order while every limit holds; True if any was.
 
         Without chunked prefill a prompt is admitted whole or waits; with it the last one admitted
-        may be a first chunk. Once a request is held back for want of an adapter slot, later
-        adapter requests are held too, so the active adapters drain and the oldest waiting adapter
-        gets the next slot. Base-model requests never wait for slots.
+        may be a first chunk. A prompt starting with cached blocks computes only the rest. Once a
+        request is held back for want of an adapter slot, later adapter requests are held too, so
+        the active adapters drain and the oldest waiting adapter gets the next slot. Base-model
+        requests never wait for slots.
         """
         chunked = self.limits.enable_chunked_prefill
         admitted: list[Sequence] = []
@@ -166,7 +168,9 @@ class Scheduler:
                 break
             if seq.num_inflight_tokens:  # preempted while a step computing its last token was in flight
                 continue
-            wanted = seq.num_expected_tokens
+            hits = self.block_manager.cached_prefix(seq)
+            num_cached = len(hits) * self.block_manager.block_size
+            wanted = seq.num_expected_tokens - num_cached
             room = budget - used
             if chunked:
                 wanted = min(wanted, room)
@@ -179,9 +183,10 @@ class Scheduler:
                 if slot_blocked or (needs_slot and len(lora_ids) >= self.limits.max_loras):
                     slot_blocked = True
                     continue
-            if not self.block_manager.can_cover(seq, wanted):
+            if not self.block_manager.can_take(seq, hits, num_cached + wanted):
                 break
-            self.block_manager.cover(seq, wanted)
+            self.block_manager.take(seq, hits)
+            self.block_manager.cover(seq, num_cached + wanted)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             if seq.lora_id:
@@ -193,8 +198,9 @@ class Scheduler:
         return bool(admitted)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Drop the sequence's cache; it is recomputed from its tokens when readmitted."""
-        self.block_manager.free(seq)
+        """Drop the sequence's blocks; it is recomputed from its tokens when readmitted, from its
+        cached prefix on (its own blocks stay cached until their memory is needed)."""
+        self.block_manager.free(seq, cache=True)
         seq.status = SequenceStatus.WAITING
         if seq in self.running:
             self.running.remove(seq)
@@ -202,10 +208,11 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Leave the batch: free the blocks, remove from whichever queue holds it."""
+        """Leave the batch: free the blocks, remove from whichever queue holds it. An aborted
+        sequence's blocks are not cached: a step that failed to build aborts its sequences."""
         seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq)
+        self.block_manager.free(seq, cache=reason != "abort")
         for queue in (self.running, self.waiting):
             if seq in queue:
                 queue.remove(seq)

@@ -32,10 +32,16 @@ class Sequence:
     lora: LoRARequest | None = None  # None is the base model
     noise_seed: int = 0  # per-request sampling stream, fixed at arrival
     rope_table: int = 0  # rotary table of a long-context adapter; 0 = the model's own
+    cache_salt: bytes = b""  # what besides tokens decides its K/V (the adapter's identity): part of every block key
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # prefix caching: keys of its full blocks (a chain over its tokens, kept across preemption), how
+    # many of its blocks were offered to the cache, and how many tokens its last admission found cached
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0
     num_inflight_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None

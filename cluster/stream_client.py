@@ -33,6 +33,7 @@ class RequestTiming:
     finished_s: float | None = None
     status: int = 0  # HTTP status; 0 when no response came (connection failed)
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # streamed ones (a multi-turn client resends them)
 
     @property
     def ok(self) -> bool:
@@ -136,7 +137,10 @@ class StreamClient:
                 timing.error = str(event["error"].get("message", event["error"]))[:300]
                 timing.status = int(event["error"].get("code") or 500)
                 return
-            tokens = sum(_choice_tokens(choice) for choice in event.get("choices") or [])
+            choices = event.get("choices") or []
+            tokens = sum(_choice_tokens(choice) for choice in choices)
+            for choice in choices:
+                timing.token_ids += choice.get("token_ids") or []
             if tokens:
                 timing.first_token_s = timing.first_token_s or now
                 timing.chunk_times.append(now)

@@ -101,3 +101,13 @@ def test_chat_template_needs_the_operators_trust():
     assert chat_template_overrides(None, {"enable_thinking": False}, trusted=False) == {"enable_thinking": False}
     with pytest.raises(InvalidRequestError, match="tokenize"):
         chat_template_overrides(None, {"tokenize": True}, trusted=True)
+
+
+def test_every_registration_has_its_own_identity():
+    """Prefix caching keys blocks by it: a new adapter under an old name must not meet the old blocks."""
+    registry = _registry()
+    registry.add("a", "/adapters/one")
+    first = registry.info("a").identity
+    registry.remove("a")
+    registry.add("a", "/adapters/one")
+    assert len(first) == 16 and registry.info("a").identity != first

@@ -21,11 +21,11 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def make_core(tokenizer, budget: int = 8, chunked: bool = True) -> EngineCore:
+def make_core(tokenizer, budget: int = 8, chunked: bool = True, prefix_caching: bool = False) -> EngineCore:
     limits = EngineLimits(
         max_model_len=64, vocab_size=64, block_size=4, num_blocks=32,
         scheduler=SchedulerLimits(8, budget, 1, enable_chunked_prefill=chunked, max_model_len=64),
-        eos_token_ids=frozenset({2}),
+        eos_token_ids=frozenset({2}), enable_prefix_caching=prefix_caching,
     )
     return EngineCore(limits, tokenizer)
 
@@ -73,3 +73,22 @@ def test_a_request_the_engine_fails_on_is_aborted_alone(tokenizer):
     assert core.take_failed_requests() == ["bad"] and core.take_failed_requests() == []
     assert "bad" not in core.requests and bad.seq.is_finished and bad.seq.block_table == []
     assert [seq.request_id for seq in core.scheduler.running] == ["good"]
+
+
+def test_a_cached_prefix_reaches_the_workers_as_earlier_positions_of_shared_blocks(tokenizer):
+    core = make_core(tokenizer, budget=32, prefix_caching=True)
+    prompt = list(range(10, 20))
+    core.add_request("first", prompt, SamplingParams(max_tokens=4, temperature=0), noise_seed=1)
+    first = core.build_step(core.schedule())
+    assert first.is_prefill and first.positions.tolist() == list(range(10))
+    core.add_request("second", prompt, SamplingParams(max_tokens=4, temperature=0), noise_seed=1)
+    core.add_request("lora-less-twin", prompt[:6] + [40, 41, 42], SamplingParams(max_tokens=4), noise_seed=1)
+    step = core.build_step(core.schedule())
+    # first decodes its token in flight; second computes only positions 8-9 over first's two blocks;
+    # the third shares the first block only
+    assert not step.is_prefill and step.query_lens.tolist() == [1, 2, 5]
+    assert step.positions.tolist() == [10, 8, 9, 4, 5, 6, 7, 8] and step.context_lens.tolist() == [11, 10, 9]
+    assert step.input_ids.tolist()[1:3] == [18, 19]
+    tables = step.block_tables
+    assert tables[1, :2].tolist() == tables[0, :2].tolist() and tables[2, 0] == tables[0, 0]
+    assert tables[2, 1] != tables[0, 1] and tables[1, 2] != tables[0, 2]
