@@ -257,9 +257,6 @@ class OpenAIServer:
         self.metrics = ServerMetrics()
         self.completions = Endpoint("cmpl", DEFAULT_COMPLETION_MAX_TOKENS, self._completion_json, self._completion_chunks)
         self.chat_completions = Endpoint("chatcmpl", None, self._chat_json, self._chat_chunks)
-        # freed heap back to the OS once a burst of HTTP requests has drained (its own count: in one replica
-        # with the engine, EngineReplica counts engine streams in `memory`)
-        self.http_memory = BurstTrimmer()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Routes are bound methods of this replica, so settings need no module-level state."""
@@ -269,7 +266,6 @@ class OpenAIServer:
         for error_class in (RayLoRAError, RayTaskError, RayActorError, BackPressureError, Exception):
             api.add_exception_handler(error_class, lambda _, exc: error_response(exc))
         api.add_middleware(BodySizeLimit, max_bytes=self.config.max_request_body_bytes)
-        api.add_middleware(TrimAfterBursts, trimmer=self.http_memory)
         if self.api_key:  # added last, so it runs first: no body is read for a client without the key
             api.add_middleware(BearerAuth, api_key=self.api_key)
         api.post("/v1/completions")(self.create_completion)
@@ -639,6 +635,14 @@ class OpenAIIngress(OpenAIServer):
 
     def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
         super().__init__(EngineReplicas(engine), config, api_key)
+        self.memory = BurstTrimmer()  # freed heap back to the OS once a burst has drained
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The endpoints, each HTTP request counted in flight for the trim (in one replica with the engine,
+        EngineReplica counts the same requests' engine streams instead)."""
+        api = super().__serve_build_asgi_app__()
+        api.add_middleware(TrimAfterBursts, trimmer=self.memory)
+        return api
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT_NAME, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
