@@ -14,7 +14,6 @@ import types
 import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +28,10 @@ from cluster.config import (
     parse_byte_size,
     read_config_yaml,
 )
-from cluster.ingress_mode import INGRESS_MODES, IngressMode, default_mode
+from cluster.server.ingress_mode import INGRESS_MODES, default_mode
+from cluster.server.options import ServerOptions
 
 CONFIG_ERROR_STATUS = 2
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """How the HTTP server listens and which Ray cluster it joins; not part of the engine."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    address: str | None = None  # None: start a local Ray inside this process
-    ingress: IngressMode = "serve-proxy"  # how HTTP reaches the app; only for a Ray this process starts
 
 
 def flag_name(field_name: str) -> str:
@@ -176,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
         return CONFIG_ERROR_STATUS
     for warning in caught:
         print(f"raylora: warning: {warning.message}", file=sys.stderr)
-    from cluster.server_main import run_server
+    from cluster.server.main import run_server
 
     try:
         run_server(config, options)
@@ -187,7 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from cluster.make_tiny import make_tiny
+    from cluster.tiny.make_tiny import make_tiny
 
     manifest = make_tiny(args.out_dir, seed=args.seed)
     print(f"base model and tokenizer: {manifest.base_dir}")
@@ -198,7 +187,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from cluster.bench import main as bench_main
+    from cluster.bench.cli import main as bench_main
 
     return bench_main(argv) or 0
 

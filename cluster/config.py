@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.adapter_names import adapter_name_problem
+from cluster.engine.adapter_names import adapter_name_problem
 
 MiB = 1024**2
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cluster.config import EngineConfig
-from cluster.model_checks import resolve_max_model_len
+from cluster.engine.model_checks import resolve_max_model_len
 from lora.adapter import LoRAAdapter, load_adapter
 from lora.fully_sharded import ColumnParallelLinearWithShardedLoRA, RowParallelLinearWithShardedLoRA
 from lora.layers import (

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from cluster import EngineConfig, SamplingParams, launch
-from cluster.synthetic import write_random_adapter, write_random_llama
+from cluster.bench.synthetic import write_random_adapter, write_random_llama
 from lora.request import LoRARequest
 
 

@@ -9,5 +9,5 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name(0))"
 .venv/bin/python -m pytest -q tests/lora/test_ops.py -k cuda
 .venv/bin/python scripts/gpu_check.py
-.venv/bin/python -m cluster.bench engine --device cuda --dtype bfloat16 --num-requests 256 --max-num-seqs 128 --skip transformers
-.venv/bin/python -m cluster.bench lora --device cuda --dtype bfloat16 --num-requests 256 --max-num-seqs 128 --skip peft
+.venv/bin/python -m cluster.bench.engine engine --device cuda --dtype bfloat16 --num-requests 256 --max-num-seqs 128 --skip transformers
+.venv/bin/python -m cluster.bench.engine lora --device cuda --dtype bfloat16 --num-requests 256 --max-num-seqs 128 --skip peft

@@ -1,6 +1,6 @@
 """CPU each serving process spends per streamed token: 64 requests at once over HTTP, then the Python API.
 
-Starts Ray and the Serve application on 127.0.0.1 with a random `small` Llama (cluster/synthetic.py),
+Starts Ray and the Serve application on 127.0.0.1 with a random `small` Llama (cluster/bench/synthetic.py),
 sends the same requests streamed and not streamed, and reads the CPU time of every Ray process
 (grouped by process title: proxy, ingress, engine replica, driver, workers) before and after each
 run. The serving path is everything but the workers. Finally the same requests run through
@@ -195,8 +195,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.serve_app import build_app
-    from cluster.synthetic import PRESETS, write_random_llama
+    from cluster.bench.synthetic import PRESETS, write_random_llama
+    from cluster.server.app import build_app
 
     model_dir = write_random_llama(Path(tempfile.mkdtemp(prefix="serve-cpu-")) / "base", **PRESETS["small"])
     settings = engine_settings(model_dir, args)

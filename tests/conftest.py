@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from cluster.make_tiny import TinyManifest, make_tiny  # noqa: E402
+from cluster.tiny.make_tiny import TinyManifest, make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cluster.config import EngineConfig
-from cluster.model_checks import resolve_max_model_len, resolve_max_num_batched_tokens
+from cluster.engine.model_checks import resolve_max_model_len, resolve_max_num_batched_tokens
 from lora.manager import LoRAManager
 from workers import cpu_attention
 from workers.attention import Attention, AttentionMetadata

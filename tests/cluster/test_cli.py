@@ -116,9 +116,9 @@ def test_serve_hands_config_and_options_to_run_server(
     monkeypatch: pytest.MonkeyPatch, lora_yaml: Path
 ) -> None:
     calls = []
-    server_main = types.ModuleType("cluster.server_main")
+    server_main = types.ModuleType("cluster.server.main")
     server_main.run_server = lambda config, options: calls.append((config, options))
-    monkeypatch.setitem(sys.modules, "cluster.server_main", server_main)
+    monkeypatch.setitem(sys.modules, "cluster.server.main", server_main)
     assert main(["serve", str(lora_yaml), "--port", "8123", "--api-key", "k"]) == 0
     [(config, options)] = calls
     assert config.max_loras == 2 and options == ServerOptions(port=8123, api_key="k")
@@ -127,9 +127,9 @@ def test_serve_hands_config_and_options_to_run_server(
 def test_serve_prints_ignored_lora_settings_as_a_warning(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], lora_yaml: Path
 ) -> None:
-    server_main = types.ModuleType("cluster.server_main")
+    server_main = types.ModuleType("cluster.server.main")
     server_main.run_server = lambda config, options: None
-    monkeypatch.setitem(sys.modules, "cluster.server_main", server_main)
+    monkeypatch.setitem(sys.modules, "cluster.server.main", server_main)
     assert main(["serve", str(lora_yaml), "--no-enable-lora"]) == 0
     assert (
         "raylora: warning: LoRA settings max_loras, max_cpu_loras, lora_modules are ignored"
@@ -139,9 +139,9 @@ def test_serve_prints_ignored_lora_settings_as_a_warning(
 
 def test_bench_forwards_all_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    bench = types.ModuleType("cluster.bench")
+    bench = types.ModuleType("cluster.bench.cli")
     bench.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "cluster.bench", bench)
+    monkeypatch.setitem(sys.modules, "cluster.bench.cli", bench)
     assert main(["bench", "--help", "--num-prompts", "8"]) == 0
     assert seen == [["--help", "--num-prompts", "8"]]
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster import EngineConfig, SamplingParams, launch
-from cluster.synthetic import write_word_tokenizer
+from cluster.bench.synthetic import write_word_tokenizer
 from tests.checkpoints import make_random_checkpoint
 from tests.ray_fixtures import wait_until_running
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cluster import EngineConfig, SamplingParams, launch
+from cluster.bench.synthetic import write_word_tokenizer
 from cluster.errors import InvalidRequestError
-from cluster.synthetic import write_word_tokenizer
 from tests.adapters import load_peft_model, make_peft_adapter, write_new_embeddings
 from tests.checkpoints import make_random_checkpoint
 from tests.parity.test_lora_parity import reference_tokens

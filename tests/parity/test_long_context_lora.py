@@ -14,8 +14,8 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cluster import EngineConfig, SamplingParams, launch
+from cluster.bench.synthetic import write_word_tokenizer
 from cluster.errors import InvalidRequestError
-from cluster.synthetic import write_word_tokenizer
 from lora.request import LoRARequest
 from tests.adapters import edit_adapter_config, make_peft_adapter
 from tests.checkpoints import make_random_checkpoint

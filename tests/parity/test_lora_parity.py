@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster import EngineConfig, SamplingParams, launch
-from cluster.synthetic import write_word_tokenizer
+from cluster.bench.synthetic import write_word_tokenizer
 from lora.request import LoRARequest
 from tests.adapters import load_peft_model, make_peft_adapter
 from tests.checkpoints import make_random_checkpoint

@@ -1,0 +1,1 @@
+"""Benchmarks: `raylora bench engine|lora|serve`, their workloads, clients and reports."""

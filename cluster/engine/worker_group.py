@@ -1,0 +1,97 @@
+"""The worker actors of one engine: placed, joined into a process group, stepped together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import EngineConfig
+from cluster.engine.worker_placement import placement_group_name, remove_orphaned_groups
+from lora.request import LoRARequest
+from workers.step import StepInput, StepOutput
+from workers.worker import WorkerActor
+
+PLACEMENT_TIMEOUT_S = 60.0
+
+
+def wants_gpu(config: EngineConfig) -> bool:
+    """`auto` means CUDA when the Ray cluster has GPUs to place workers on."""
+    if config.device == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= config.tensor_parallel_size
+    return config.device == "cuda"
+
+
+async def _first(results: asyncio.Future) -> StepOutput:
+    return (await results)[0]
+
+
+class WorkerGroup:
+    """N = tensor_parallel_size `WorkerActor`s, one per bundle of a placement group."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.use_gpu = wants_gpu(config)
+        bundle = {"CPU": config.num_cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
+        remove_orphaned_groups()  # a dead engine's leftovers would hold the bundles this group needs
+        self.placement_group: PlacementGroup = placement_group(
+            [dict(bundle) for _ in range(config.tensor_parallel_size)], strategy=config.placement_strategy,
+            name=placement_group_name(),
+        )
+        self.workers: list = []
+
+    async def start(self) -> int:
+        """Place the actors, form the group, load the shards; return the KV blocks every rank can hold."""
+        try:
+            await asyncio.wait_for(self.placement_group.ready(), PLACEMENT_TIMEOUT_S)
+        except asyncio.TimeoutError as exc:
+            raise RuntimeError(
+                f"could not place {self.config.tensor_parallel_size} workers with "
+                f"{self.placement_group.bundle_specs[0]} each ({self.config.placement_strategy}) within "
+                f"{PLACEMENT_TIMEOUT_S:.0f}s: the Ray cluster has {ray.cluster_resources()}"
+            ) from exc
+        worker_config = self.config.model_copy(update={"device": "cuda" if self.use_gpu else "cpu"})
+        self.workers = [
+            WorkerActor.options(
+                num_cpus=self.config.num_cpus_per_worker,
+                num_gpus=1 if self.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+            ).remote(worker_config, rank)
+            for rank in range(self.config.tensor_parallel_size)
+        ]
+        rendezvous = await self.workers[0].host_rendezvous.remote() if len(self.workers) > 1 else None
+        capacities = await asyncio.gather(*(w.init_model.remote(rendezvous) for w in self.workers))
+        num_blocks = min(capacities)
+        await asyncio.gather(*(w.init_cache.remote(num_blocks) for w in self.workers))
+        return num_blocks
+
+    def submit(self, step: StepInput) -> asyncio.Future:
+        """Send the step to every rank now (each runs its calls in the order sent, so a step sent
+        before the previous one returned runs after it); the future is rank 0's answer."""
+        if len(self.workers) == 1:
+            return asyncio.ensure_future(self.workers[0].execute_step.remote(step))
+        step_ref = ray.put(step)
+        results = asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
+        return asyncio.ensure_future(_first(results))
+
+    def prefetch_lora(self, lora: LoRARequest) -> list:
+        """Every rank reads its slices into its CPU cache, beside the steps; returns the refs."""
+        return [w.prefetch_lora.remote(lora) for w in self.workers]
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await asyncio.gather(*(w.remove_lora.remote(lora_id) for w in self.workers))
+
+    async def lora_cache_stats(self) -> dict[str, int]:
+        return await self.workers[0].lora_cache_stats.remote()
+
+    async def ping(self) -> None:
+        await asyncio.gather(*(w.ping.remote() for w in self.workers))
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their bundles; safe on a group that is half dead."""
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        remove_placement_group(self.placement_group)

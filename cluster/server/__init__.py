@@ -1,0 +1,1 @@
+"""The HTTP server: the OpenAI-compatible Serve application, its deployments and the `ray.get` gateway."""

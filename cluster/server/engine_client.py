@@ -1,0 +1,45 @@
+"""What the HTTP server needs from the engines, whether they are other replicas or its own process.
+
+`EngineReplicas` (engine_replicas.py) reaches an application's engine replicas through a Serve
+handle; `LocalEngine` (local_engine.py) is the engine of the replica the HTTP server itself runs in
+(one engine replica: no hop between the server and the driver).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from cluster.engine.sampling_params import SamplingParams
+from cluster.errors import ModelNotFoundError
+from lora.request import LoRARequest
+
+
+class EngineStream(Protocol):
+    """One request's engine stream: EngineStart (or the refusal), then its deltas."""
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    async def __anext__(self) -> Any: ...
+
+    def cancel(self) -> None:
+        """Stop reading; the engine aborts the request."""
+
+
+class EngineClient(Protocol):
+    async def info(self, refresh: bool = False) -> dict[str, Any]: ...
+
+    async def stats(self) -> list[dict[str, int]]: ...
+
+    async def adapters(self) -> list[LoRARequest]: ...
+
+    async def add_adapter(self, lora_name: str, lora_path: str) -> LoRARequest: ...
+
+    async def remove_adapter(self, lora_name: str, param: str) -> None: ...
+
+    def open_stream(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None,
+                    stream: bool) -> EngineStream: ...
+
+
+def adapter_not_loaded(lora_name: str, param: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"the adapter {lora_name!r} is not loaded", param=param)

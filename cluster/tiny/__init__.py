@@ -1,0 +1,1 @@
+"""The tiny model made offline: `raylora make-tiny` (checkpoint, tokenizer, PEFT adapters)."""
