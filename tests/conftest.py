@@ -27,6 +27,21 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyManifest:
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting Ray costs seconds; tests share it).
+
+    Defined once, here, so every folder's tests share one instance and its teardown runs after
+    every fixture that needs Ray (Serve apps included), whatever order the folders run in."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests")
+    yield
+    ray.shutdown()
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Build (or load) the CPU kernels before any worker needs them, so no test's timeout pays
     the one-time compile."""

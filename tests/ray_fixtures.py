@@ -1,21 +1,10 @@
-"""One local Ray for the whole test session (starting Ray costs seconds; tests share it)."""
+"""Helpers for tests that drive a Ray engine (the session's Ray itself is `ray_session` in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 import time
 
-import pytest
 import ray
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests")
-    yield
-    ray.shutdown()
 
 
 def wait_until_running(driver, num_seqs: int = 1, timeout_s: float = 30.0) -> None:

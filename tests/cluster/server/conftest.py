@@ -23,7 +23,6 @@ from cluster.bench.synthetic import write_word_tokenizer
 from cluster.server.app import build_app
 from tests.adapters import make_peft_adapter
 from tests.checkpoints import make_random_checkpoint
-from tests.ray_fixtures import ray_session  # noqa: F401
 
 PORT = 18437
 API_KEY = "serve-test-key"
@@ -114,7 +113,7 @@ def app_args(model: TinyModel) -> dict:
 
 
 @pytest.fixture(scope="session")
-def serve_instance(ray_session):  # noqa: F811
+def serve_instance(ray_session):
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield f"http://127.0.0.1:{PORT}"
     serve.shutdown()

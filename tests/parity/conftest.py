@@ -1,1 +1,0 @@
-from tests.ray_fixtures import ray_session  # noqa: F401
