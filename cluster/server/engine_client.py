@@ -1,18 +1,32 @@
-"""What the HTTP server needs from the engines, whether they are other replicas or its own process.
+"""What the HTTP server needs from the engines, whether they are other replicas or its own process,
+and the first item of every engine stream (`EngineStart`).
 
 `EngineReplicas` (engine_replicas.py) reaches an application's engine replicas through a Serve
-handle; `LocalEngine` (local_engine.py) is the engine of the replica the HTTP server itself runs in
-(one engine replica: no hop between the server and the driver).
+handle; `LocalEngineClient` (local_engine_client.py) reaches the engine of the replica the HTTP
+server itself runs in (one engine replica: no hop between the server and the driver).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cluster.engine.outputs import StreamDelta
 from cluster.engine.sampling_params import SamplingParams
 from cluster.errors import ModelNotFoundError
 from lora.request import LoRARequest
+
+
+@dataclass
+class EngineStart:
+    """First item of every engine stream: the engine accepted the request (errors come before it).
+
+    A streamed request's first delta rides along, so the first token costs no extra item."""
+
+    replica_id: str
+    request_id: str
+    delta: StreamDelta | None = None
 
 
 class EngineStream(Protocol):

@@ -27,7 +27,6 @@ import math
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -37,6 +36,7 @@ from cluster.config import EngineConfig
 from cluster.engine.outputs import StreamDelta
 from cluster.engine.sampling_params import SamplingParams
 from cluster.errors import ModelNotFoundError, RayLoRAError, as_raylora_error
+from cluster.server.engine_client import EngineStart
 from cluster.server.memory_release import BurstTrimmer
 from lora.request import LoRARequest
 
@@ -52,17 +52,6 @@ PEER_TIMEOUT_S = 30.0
 SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
-@dataclass
-class EngineStart:
-    """First item of every engine stream: the engine accepted the request (errors come before it).
-
-    A streamed request's first delta rides along, so the first token costs no extra item."""
-
-    replica_id: str
-    request_id: str
-    delta: StreamDelta | None = None
-
-
 # Serve's settings for any deployment whose replicas each own an engine.
 ENGINE_DEPLOYMENT_OPTIONS: dict[str, Any] = dict(
     # the workers reserve their own CPUs or GPUs
@@ -72,7 +61,8 @@ ENGINE_DEPLOYMENT_OPTIONS: dict[str, Any] = dict(
     max_constructor_retry_count=3,  # a bad model path fails the same way every time
 )
 # The deployment's name whichever class serves it: handles, the `ray.get` gateway and tests find the
-# engines by it.
+# engines by it, and operators' Serve configs (`deployments: - name: LoRAEngine`) and process titles
+# (`ServeReplica:<app>:LoRAEngine`) carry it. Keep it when renaming classes.
 ENGINE_DEPLOYMENT_NAME = "LoRAEngine"
 
 
@@ -224,5 +214,6 @@ class EngineReplica:
         await self.driver.shutdown()
 
 
-LoRAEngine = serve.deployment(name=ENGINE_DEPLOYMENT_NAME, max_ongoing_requests=256,
-                              **ENGINE_DEPLOYMENT_OPTIONS)(EngineReplica)
+# The engine replicas behind an ingress (several engine replicas, or separate_ingress).
+EngineDeployment = serve.deployment(name=ENGINE_DEPLOYMENT_NAME, max_ongoing_requests=256,
+                                    **ENGINE_DEPLOYMENT_OPTIONS)(EngineReplica)

@@ -24,7 +24,8 @@ from ray import serve
 
 from cluster.config import EngineConfig
 from cluster.engine.tokenizer_loading import load_tokenizer
-from cluster.server.app import API_KEY_ENV, AppArgs, build_app
+from cluster.server.app import AppArgs, build_app
+from cluster.server.bearer_auth import resolve_api_key
 from cluster.server.engine_deployment import ENGINE_DEPLOYMENT_NAME
 from cluster.server.ingress_mode import prepare_local_ray
 from cluster.server.options import ServerOptions
@@ -126,7 +127,7 @@ def run_server(config: EngineConfig, options: ServerOptions) -> None:
         prepare_local_ray(options.ingress)  # the Ray processes read it when they start
     signals = StopSignals()
     signals.install()
-    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(options.api_key)
     startup: Startup | None = None
     try:
         if started_ray:

@@ -1,4 +1,4 @@
-"""The OpenAI API subset raylora serves: request and response models, and engine output -> response.
+"""The OpenAI API subset raylora serves: its request and response models (response_formatting.py fills them).
 
 Requests ignore unknown fields (as vLLM does) but refuse the known OpenAI options raylora cannot
 honour, so a client never silently gets something other than what it asked for. Extensions by
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from cluster.engine.outputs import TokenLogprob
 from cluster.engine.sampling_params import (
     MAX_INT32,
     MAX_LOGPROBS,
@@ -30,8 +28,6 @@ from cluster.errors import InvalidRequestError, RayLoRAError
 
 # Fields that stay out of the JSON unless set, so plain OpenAI clients see plain OpenAI responses.
 Extension = Field(None, exclude_if=lambda value: value is None)
-
-DecodeToken = Callable[[int], str]
 
 
 def random_id(prefix: str) -> str:
@@ -308,37 +304,3 @@ class ErrorResponse(BaseModel):
     def from_error(cls, error: RayLoRAError) -> ErrorResponse:
         return cls.of(error.status, error.message, error.error_type, error.param)
 
-
-# ---- engine output -> response pieces ---------------------------------------------------------
-
-
-def completion_logprobs(logprobs: list[TokenLogprob], decode: DecodeToken, text: str, start: int) -> CompletionLogprobs:
-    """Legacy completions logprobs for the tokens that produced `text`, which begins at offset `start`
-    of the completion; each token's offset is where its text is found, in order."""
-    result = CompletionLogprobs()
-    position = 0
-    for entry in logprobs:
-        token = decode(entry.token_id)
-        found = text.find(token, position) if token else -1
-        position = found if found >= 0 else position
-        result.tokens.append(token)
-        result.token_logprobs.append(entry.logprob)
-        result.top_logprobs.append({decode(token_id): value for token_id, value in entry.top.items()})
-        result.text_offset.append(start + position)
-        position += len(token) if found >= 0 else 0
-    return result
-
-
-def chat_logprobs(logprobs: list[TokenLogprob], decode: DecodeToken) -> ChatLogprobs:
-    def top_entry(token_id: int, value: float) -> TopLogprob:
-        token = decode(token_id)
-        return TopLogprob(token=token, logprob=value, bytes=list(token.encode()))
-
-    content = [
-        ChatTokenLogprob(
-            **top_entry(entry.token_id, entry.logprob).model_dump(),
-            top_logprobs=[top_entry(token_id, value) for token_id, value in entry.top.items()],
-        )
-        for entry in logprobs
-    ]
-    return ChatLogprobs(content=content)

@@ -22,7 +22,9 @@ from cluster.config import (
     DEFAULT_MAX_WAITING_REQUESTS,
     EngineConfig,
 )
-from cluster.server.app import INGRESS_MAX_ONGOING_REQUESTS, RETRY_AFTER_S, build_app, proxy_queue_bound
+from cluster.server.app import build_app, proxy_queue_bound
+from cluster.server.error_responses import RETRY_AFTER_S
+from cluster.server.http_deployments import INGRESS_MAX_ONGOING_REQUESTS
 from tests.cluster.server.conftest import BASE_NAME, Server, assert_openai_error
 
 APP = "bounded"

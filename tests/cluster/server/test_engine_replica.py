@@ -8,7 +8,7 @@ from ray import serve
 from cluster.engine.outputs import StreamDelta
 from cluster.engine.sampling_params import SamplingParams
 from cluster.server.app import build_app
-from cluster.server.engine_deployment import EngineStart
+from cluster.server.engine_client import EngineStart
 from tests.cluster.server.conftest import APP_NAME, app_args
 
 

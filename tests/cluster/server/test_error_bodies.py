@@ -13,7 +13,7 @@ import pytest
 from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.errors import InvalidRequestError
-from cluster.server.app import describe_error, error_response
+from cluster.server.error_responses import describe_error, error_response
 from tests.cluster.server.test_bad_input_matrix import assert_discloses_nothing
 
 INTERNALS = "actor_id=4f2c, pid=1234, ip=10.1.2.3, namespace=raylora, \x1b[31m/work/secret/engine.py"
@@ -34,7 +34,7 @@ def _task_error() -> RayTaskError:
     (lambda: OSError(2, "No such file or directory", "/work/secret/model"), 500),
 ])
 def test_foreign_errors_answer_a_fixed_message_and_log_the_detail(make, status, caplog):
-    with caplog.at_level(logging.ERROR, logger="cluster.server.app"):
+    with caplog.at_level(logging.ERROR, logger="cluster.server.error_responses"):
         response = error_response(make())
     assert response.status_code == status
     assert_discloses_nothing(response.body.decode(), ["/work/secret"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cluster.server.app import REPLICA_HEADER
+from cluster.server.openai_server import REPLICA_HEADER
 from tests.adapters import load_peft_model
 from tests.cluster.server.conftest import BASE_NAME, reference_greedy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray import serve
 
 from cluster.config import EngineConfig
-from cluster.server.app import RUNTIME_LORA_ENV, runtime_lora_updating_allowed
+from cluster.server.runtime_lora_updates import RUNTIME_LORA_ENV, runtime_lora_updating_allowed
 from tests.adapters import load_peft_model
 from tests.cluster.server.conftest import APP_NAME, BASE_NAME, assert_openai_error, reference_greedy
 

@@ -1,4 +1,5 @@
-"""The engine of the replica the HTTP server runs in, behind the calls `EngineReplicas` answers.
+"""The HTTP server's `EngineClient` for the engine of its own replica: what `EngineReplicas` does over
+Serve, done in process.
 
 With one engine replica the application is one deployment: the replica serves HTTP and owns the
 driver (Ray Serve LLM calls the same shape "direct streaming"), so a streamed request's deltas go
@@ -42,7 +43,9 @@ class LocalStream:
             await self._items.aclose()
 
 
-class LocalEngine:
+class LocalEngineClient:
+    """`EngineClient` over this process's `EngineReplica`: direct calls, no Ray hop."""
+
     def __init__(self, replica: EngineReplica) -> None:
         self.replica = replica
 
