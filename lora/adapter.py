@@ -1,7 +1,11 @@
-"""Load a PEFT LoRA adapter directory into validated tensors, or refuse it with a clear reason.
+"""Describe a PEFT LoRA adapter directory (the driver) or load it into validated tensors (a
+worker), or refuse it with a clear reason.
 
-Everything is checked before anything is returned, so a bad adapter is an `InvalidRequestError`
-for the one request that named it, never a crash inside a worker or a half-filled slot.
+The driver's description reads adapter_config.json and the tensor files' headers only: names,
+shapes, dtypes, added tokens, trained context. A worker's load makes the same checks on what it
+reads, then checks the values. Everything is checked before anything is returned, so a bad adapter
+is an `InvalidRequestError` for the one request that named it, never a crash inside a worker or a
+half-filled slot.
 
 Orientation. Every module is stored as a linear map, `delta(x) = x · Aᵀ · Bᵀ · scaling`, with
 `lora_a` [rank, in_features] and `lora_b` [out_features, rank]. For `embed_tokens` the input is the
@@ -15,14 +19,17 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
-from safetensors.torch import load_file
 
 from cluster.errors import InvalidRequestError
 from lora.adapter_config import AdapterConfig, AdapterProblem
+from lora.tensor_files import TensorFile, TensorSpec, specs_of
 from workers.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -108,6 +115,42 @@ class LoRAAdapter:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+@dataclass(frozen=True)
+class AdapterDescription:
+    """What the driver knows of an adapter it accepted: read from its config and its files' headers;
+    its values stay on disk until the workers load them."""
+
+    name: str
+    path: str  # the real directory
+    rank: int  # the largest module rank
+    extra_tokens: int = 0  # tokens it adds, ids from the base vocabulary size on
+    long_context_factor: float | None = None  # as LoRAAdapter's
+
+
+@dataclass(frozen=True)
+class _ModulePlan:
+    """One module's tensors in the weights file, checked by name, shape and dtype."""
+
+    a_key: str
+    b_key: str
+    rank: int
+    scaling: float
+
+
+_Stored = TypeVar("_Stored", TensorSpec, torch.Tensor)
+
+
+@dataclass(frozen=True)
+class _Survey(Generic[_Stored]):
+    """An adapter's tensor files as read (headers or tensors) and what the checks made of them."""
+
+    modules: dict[str, _ModulePlan]
+    rank: int
+    extra_tokens: int
+    weights: dict[str, _Stored]
+    new_embeddings: dict[str, _Stored] | None
+
+
 def expected_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each LoRA-targetable base module, unsharded.
 
@@ -146,6 +189,29 @@ def module_keys(model: ModelConfig) -> list[str]:
     return layers + list(EMBEDDING_MODULES)
 
 
+def describe_adapter(
+    path: str,
+    name: str,
+    model: ModelConfig,
+    *,
+    max_lora_rank: int,
+    lora_extra_vocab_size: int,
+    allowed_roots: list[str] | tuple[str, ...] = (),
+    allow_pickle: bool = False,
+) -> AdapterDescription:
+    """Check the PEFT adapter at `path` for `model` from adapter_config.json and its tensor files'
+    headers: every check `load_adapter` makes but those that need values (NaN/inf, range of
+    lora_dtype). Raises InvalidRequestError(param="lora_path") as `load_adapter` does."""
+    with _refusals(name, path):
+        directory, config = _open(path, model, allowed_roots)
+        survey = _survey(directory, config, model, TensorFile.read_specs, lambda specs: specs,
+                         max_lora_rank, lora_extra_vocab_size, allowed_roots, allow_pickle)
+    return AdapterDescription(
+        name=name, path=str(directory), rank=survey.rank, extra_tokens=survey.extra_tokens,
+        long_context_factor=_long_context_factor(config, model),
+    )
+
+
 def load_adapter(
     path: str,
     name: str,
@@ -160,40 +226,91 @@ def load_adapter(
     """Read and validate the PEFT adapter at `path` for `model`; tensors are cast to `lora_dtype`
     ("auto" must be resolved by the caller). Raises InvalidRequestError(param="lora_path").
 
+    Each file is read once; the checks of `describe_adapter` run on what was read (the files may
+    have changed since the driver described them), then the values are checked.
+
     The error says what is wrong with the adapter but never where a path leads or what
     allowed_lora_roots holds (the client may be anyone with the API key); the operator's log gets
     the path and that detail at WARNING."""
-    try:
-        directory = _adapter_directory(path, allowed_roots)
-        config = AdapterConfig.from_file(_existing_file(directory, CONFIG_FILE, allowed_roots))
-        _check_target_modules(config, model)
-        tensors = _read_tensors(directory, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, allowed_roots, allow_pickle)
-        if tensors is None:
-            raise AdapterProblem(f"it has no {WEIGHTS_FILE}: save it with peft's save_pretrained")
-        modules = _build_modules(tensors, config, model, lora_dtype)
-        extra_vocab = _load_extra_vocab(
-            directory, model, lora_dtype, lora_extra_vocab_size, allowed_roots, allow_pickle
-        )
-        if not modules and extra_vocab is None:
-            raise AdapterProblem(f"{WEIGHTS_FILE} holds no LoRA tensors: save a trained adapter")
-        rank = max((weights.rank for weights in modules.values()), default=0)
-        if rank > max_lora_rank:
-            widest = next(key for key, weights in modules.items() if weights.rank == rank)
-            raise AdapterProblem(
-                f"its rank {rank} (module {widest}) is above max_lora_rank ({max_lora_rank}): "
-                f"start the engine with max_lora_rank >= {rank} (--max-lora-rank {rank})"
+    with _refusals(name, path):
+        directory, config = _open(path, model, allowed_roots)
+        survey = _survey(directory, config, model, TensorFile.read_tensors, specs_of,
+                         max_lora_rank, lora_extra_vocab_size, allowed_roots, allow_pickle)
+        modules = {
+            key: LoRAModuleWeights(
+                lora_a=_finite_cast(plan.a_key, survey.weights[plan.a_key], lora_dtype),
+                lora_b=_finite_cast(plan.b_key, survey.weights[plan.b_key], lora_dtype),
+                scaling=plan.scaling,
             )
+            for key, plan in survey.modules.items()
+        }
+        extra_vocab = _extra_vocab(survey.new_embeddings, model, lora_dtype) if survey.extra_tokens else None
+    return LoRAAdapter(
+        name=name, path=str(directory), rank=survey.rank, modules=modules, extra_vocab=extra_vocab,
+        long_context_factor=_long_context_factor(config, model),
+    )
+
+
+@contextmanager
+def _refusals(name: str, path: str) -> Iterator[None]:
+    """An AdapterProblem as the client's InvalidRequestError, its path and detail for the log only."""
+    try:
+        yield
     except AdapterProblem as problem:
         detail = f" ({problem.detail})" if problem.detail else ""
         logger.warning("LoRA adapter %r refused, path %r: %s%s", name, path, problem, detail)
         raise InvalidRequestError(f"LoRA adapter {name!r} cannot be served: {problem}", param="lora_path") from None
-    factor = None
-    if config.context_length is not None and config.context_length > model.max_position_embeddings:
-        factor = float(math.ceil(config.context_length / model.max_position_embeddings))
-    return LoRAAdapter(
-        name=name, path=str(directory), rank=rank, modules=modules, extra_vocab=extra_vocab,
-        long_context_factor=factor,
+
+
+def _open(path: str, model: ModelConfig, allowed_roots: list[str] | tuple[str, ...]) -> tuple[Path, AdapterConfig]:
+    """The adapter's real directory and its checked adapter_config.json."""
+    directory = _adapter_directory(path, allowed_roots)
+    config = AdapterConfig.from_file(_existing_file(directory, CONFIG_FILE, allowed_roots))
+    _check_target_modules(config, model)
+    return directory, config
+
+
+def _long_context_factor(config: AdapterConfig, model: ModelConfig) -> float | None:
+    if config.context_length is None or config.context_length <= model.max_position_embeddings:
+        return None
+    return float(math.ceil(config.context_length / model.max_position_embeddings))
+
+
+def _survey(
+    directory: Path,
+    config: AdapterConfig,
+    model: ModelConfig,
+    read: Callable[[TensorFile], dict[str, _Stored]],
+    specs: Callable[[dict[str, _Stored]], dict[str, TensorSpec]],
+    max_lora_rank: int,
+    lora_extra_vocab_size: int,
+    allowed_roots: list[str] | tuple[str, ...],
+    allow_pickle: bool,
+) -> _Survey[_Stored]:
+    """Read the tensor files with `read` (headers or whole tensors) and check what `specs` makes
+    of them, in the order a reader meets the problems."""
+    weights_file = _tensor_file(directory, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE, allowed_roots, allow_pickle)
+    if weights_file is None:
+        raise AdapterProblem(f"it has no {WEIGHTS_FILE}: save it with peft's save_pretrained")
+    weights = read(weights_file)
+    modules = _check_modules(specs(weights), config, model)
+    embeddings_file = _tensor_file(
+        directory, NEW_EMBEDDINGS_FILE, PICKLE_NEW_EMBEDDINGS_FILE, allowed_roots, allow_pickle
     )
+    new_embeddings = read(embeddings_file) if embeddings_file is not None else None
+    extra_tokens = _check_extra_vocab(
+        specs(new_embeddings) if new_embeddings is not None else None, model, lora_extra_vocab_size
+    )
+    if not modules and not extra_tokens:
+        raise AdapterProblem(f"{WEIGHTS_FILE} holds no LoRA tensors: save a trained adapter")
+    rank = max((plan.rank for plan in modules.values()), default=0)
+    if rank > max_lora_rank:
+        widest = next(key for key, plan in modules.items() if plan.rank == rank)
+        raise AdapterProblem(
+            f"its rank {rank} (module {widest}) is above max_lora_rank ({max_lora_rank}): "
+            f"start the engine with max_lora_rank >= {rank} (--max-lora-rank {rank})"
+        )
+    return _Survey(modules, rank, extra_tokens, weights, new_embeddings)
 
 
 def _adapter_directory(path: str, allowed_roots: list[str] | tuple[str, ...]) -> Path:
@@ -229,21 +346,16 @@ def _existing_file(directory: Path, filename: str, allowed_roots: list[str] | tu
     return _inside_roots(file.resolve(), allowed_roots)  # a symlinked file may point elsewhere
 
 
-def _read_tensors(
+def _tensor_file(
     directory: Path,
     safe_name: str,
     pickle_name: str,
     allowed_roots: list[str] | tuple[str, ...],
     allow_pickle: bool,
-) -> dict[str, torch.Tensor] | None:
-    """The tensors of `safe_name`, else of `pickle_name` when pickle is allowed; None if neither exists."""
+) -> TensorFile | None:
+    """`safe_name`, else `pickle_name` when pickle is allowed; None if neither exists."""
     if (directory / safe_name).is_file():
-        file = _existing_file(directory, safe_name, allowed_roots)
-        try:
-            return load_file(file, device="cpu")
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise AdapterProblem(f"{safe_name} cannot be read ({_reason(err)}): save the adapter again",
-                                 detail=f"{type(err).__name__}: {err}") from None
+        return TensorFile(_existing_file(directory, safe_name, allowed_roots), pickled=False)
     if not (directory / pickle_name).is_file():
         return None
     if not allow_pickle:
@@ -251,23 +363,7 @@ def _read_tensors(
             f"its weights are only in {pickle_name}, a pickle file that can run code when loaded: convert it "
             "to safetensors, or start the engine with allow_pickle_adapters=true if you trust it"
         )
-    file = _existing_file(directory, pickle_name, allowed_roots)
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler raises many types for a bad file
-        raise AdapterProblem(f"{pickle_name} cannot be read ({_reason(err)}): save the adapter again",
-                             detail=f"{type(err).__name__}: {err}") from None
-    if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
-        raise AdapterProblem(f"{pickle_name} is not a mapping of names to tensors: save the adapter again")
-    return loaded
-
-
-def _reason(err: Exception) -> str:
-    """What a reader's error says, without the file names an OSError carries."""
-    if isinstance(err, OSError):
-        return err.strerror or type(err).__name__
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return text if "/" not in text and "\\" not in text else type(err).__name__
+    return TensorFile(_existing_file(directory, pickle_name, allowed_roots), pickled=True)
 
 
 def _check_target_modules(config: AdapterConfig, model: ModelConfig) -> None:
@@ -305,17 +401,17 @@ def _split_key(key: str, model: ModelConfig) -> tuple[str, str] | None:
 
 
 def _group_tensors(
-    tensors: dict[str, torch.Tensor], model: ModelConfig
-) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
-    """module key -> {"A": (file key, tensor), "B": ...}; frozen embedding copies are shape-checked and dropped."""
-    grouped: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for key, tensor in tensors.items():
+    specs: dict[str, TensorSpec], model: ModelConfig
+) -> dict[str, dict[str, tuple[str, TensorSpec]]]:
+    """module key -> {"A": (file key, spec), "B": ...}; frozen embedding copies are shape-checked and dropped."""
+    grouped: dict[str, dict[str, tuple[str, TensorSpec]]] = {}
+    for key, spec in specs.items():
         parts = _split_key(key, model)
         if parts is None:
             base_shape = (model.vocab_size, model.hidden_size)
-            if tuple(tensor.shape) != base_shape:
+            if spec.shape != base_shape:
                 raise AdapterProblem(
-                    f"tensor {key!r} has shape {tuple(tensor.shape)}, but the base model's is {base_shape}: "
+                    f"tensor {key!r} has shape {spec.shape}, but the base model's is {base_shape}: "
                     f"the adapter changed the vocabulary; add tokens through {NEW_EMBEDDINGS_FILE} instead"
                 )
             continue
@@ -323,16 +419,17 @@ def _group_tensors(
         sides = grouped.setdefault(module, {})
         if side in sides:
             raise AdapterProblem(f"tensors {sides[side][0]!r} and {key!r} are both lora_{side} of {module}")
-        sides[side] = (key, tensor)
+        sides[side] = (key, spec)
     return grouped
 
 
-def _build_modules(
-    tensors: dict[str, torch.Tensor], config: AdapterConfig, model: ModelConfig, lora_dtype: torch.dtype
-) -> dict[str, LoRAModuleWeights]:
+def _check_modules(
+    specs: dict[str, TensorSpec], config: AdapterConfig, model: ModelConfig
+) -> dict[str, _ModulePlan]:
+    """Every module's A/B pair, by module key in sorted order, checked against the model and the config."""
     shapes = expected_shapes(model)
-    modules: dict[str, LoRAModuleWeights] = {}
-    for module, sides in sorted(_group_tensors(tensors, model).items()):
+    modules: dict[str, _ModulePlan] = {}
+    for module, sides in sorted(_group_tensors(specs, model).items()):
         if set(sides) != {"A", "B"}:
             missing = ({"A", "B"} - set(sides)).pop()
             raise AdapterProblem(f"module {module} has no lora_{missing} tensor: save the adapter again")
@@ -342,25 +439,23 @@ def _build_modules(
                 f"it has weights for {peft_name}, which target_modules {config.target_modules!r} does not select: "
                 "fix adapter_config.json or remove those tensors"
             )
-        lora_a, lora_b = sides["A"][1], sides["B"][1]
+        (a_key, lora_a), (b_key, lora_b) = sides["A"], sides["B"]
         _check_shapes(module, lora_a, lora_b, shapes[module.rsplit(".", 1)[-1]], config.rank_for(peft_name))
-        modules[module] = LoRAModuleWeights(
-            lora_a=_finite_cast(sides["A"][0], lora_a, lora_dtype),
-            lora_b=_finite_cast(sides["B"][0], lora_b, lora_dtype),
-            scaling=config.scaling_for(peft_name),
-        )
+        _check_float(a_key, lora_a)
+        _check_float(b_key, lora_b)
+        modules[module] = _ModulePlan(a_key, b_key, lora_a.shape[0], config.scaling_for(peft_name))
     return modules
 
 
 def _check_shapes(
-    module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, out_in: tuple[int, int], config_rank: int
+    module: str, lora_a: TensorSpec, lora_b: TensorSpec, out_in: tuple[int, int], config_rank: int
 ) -> None:
     out_features, in_features = out_in
-    rank = lora_a.shape[0] if lora_a.dim() == 2 else -1
+    rank = lora_a.shape[0] if len(lora_a.shape) == 2 else -1
     expected_a, expected_b = (rank, in_features), (out_features, rank)
-    if lora_a.dim() != 2 or tuple(lora_a.shape) != expected_a or tuple(lora_b.shape) != expected_b:
+    if len(lora_a.shape) != 2 or lora_a.shape != expected_a or lora_b.shape != expected_b:
         raise AdapterProblem(
-            f"module {module} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, but this base "
+            f"module {module} has lora_A {lora_a.shape} and lora_B {lora_b.shape}, but this base "
             f"model needs lora_A (r, {in_features}) and lora_B ({out_features}, r): "
             "use an adapter trained for this base model"
         )
@@ -371,10 +466,14 @@ def _check_shapes(
         )
 
 
+def _check_float(key: str, spec: TensorSpec) -> None:
+    """Only a floating-point tensor casts to lora_dtype; its values are the workers' to check."""
+    if not spec.is_floating_point:
+        raise AdapterProblem(f"tensor {key!r} has dtype {spec.dtype}, not a floating-point type")
+
+
 def _finite_cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype`, refusing non-float tensors, NaN/inf, and values `dtype` cannot hold."""
-    if not tensor.is_floating_point():
-        raise AdapterProblem(f"tensor {key!r} has dtype {tensor.dtype}, not a floating-point type")
+    """`tensor` in `dtype`, refusing NaN/inf and values `dtype` cannot hold."""
     if not torch.isfinite(tensor).all():
         raise AdapterProblem(
             f"tensor {key!r} contains NaN or inf values: the training diverged; use a good checkpoint"
@@ -387,42 +486,43 @@ def _finite_cast(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return cast
 
 
-def _load_extra_vocab(
-    directory: Path,
-    model: ModelConfig,
-    lora_dtype: torch.dtype,
-    lora_extra_vocab_size: int,
-    allowed_roots: list[str] | tuple[str, ...],
-    allow_pickle: bool,
-) -> ExtraVocab | None:
-    """Embedding rows of added tokens (vLLM's `new_embeddings` file), if the adapter has them."""
-    tensors = _read_tensors(
-        directory, NEW_EMBEDDINGS_FILE, PICKLE_NEW_EMBEDDINGS_FILE, allowed_roots, allow_pickle
-    )
-    if tensors is None:
-        return None
-    unknown = sorted(set(tensors) - {"input_embeddings", "output_embeddings"})
-    if unknown or "input_embeddings" not in tensors:
+def _check_extra_vocab(
+    specs: dict[str, TensorSpec] | None, model: ModelConfig, lora_extra_vocab_size: int
+) -> int:
+    """How many tokens the adapter adds (vLLM's `new_embeddings` file), 0 without that file."""
+    if specs is None:
+        return 0
+    unknown = sorted(set(specs) - {"input_embeddings", "output_embeddings"})
+    if unknown or "input_embeddings" not in specs:
         raise AdapterProblem(
             f"{NEW_EMBEDDINGS_FILE} must hold input_embeddings and optionally output_embeddings, "
-            f"found {sorted(tensors)}: rename or remove the other tensors"
+            f"found {sorted(specs)}: rename or remove the other tensors"
         )
-    inputs = tensors["input_embeddings"]
-    num_tokens = inputs.shape[0] if inputs.dim() == 2 else -1
-    for key, tensor in tensors.items():
-        if tuple(tensor.shape) != (num_tokens, model.hidden_size):
+    inputs = specs["input_embeddings"]
+    num_tokens = inputs.shape[0] if len(inputs.shape) == 2 else -1
+    for key, spec in specs.items():
+        if spec.shape != (num_tokens, model.hidden_size):
             raise AdapterProblem(
-                f"{NEW_EMBEDDINGS_FILE}: {key} has shape {tuple(tensor.shape)}, expected "
+                f"{NEW_EMBEDDINGS_FILE}: {key} has shape {spec.shape}, expected "
                 f"(n_new_tokens, {model.hidden_size}) with the same n_new_tokens for both tensors"
             )
     if num_tokens == 0:
-        return None
+        return 0
     if num_tokens > lora_extra_vocab_size:
         raise AdapterProblem(
             f"it adds {num_tokens} tokens, more than lora_extra_vocab_size ({lora_extra_vocab_size}): "
             f"start the engine with lora_extra_vocab_size >= {num_tokens}"
         )
-    input_embeddings = _finite_cast("input_embeddings", inputs, lora_dtype)
+    for key in ("input_embeddings", "output_embeddings"):
+        if key in specs:
+            _check_float(key, specs[key])
+    return num_tokens
+
+
+def _extra_vocab(tensors: dict[str, torch.Tensor] | None, model: ModelConfig, lora_dtype: torch.dtype) -> ExtraVocab:
+    """The rows of the added tokens (already checked by `_check_extra_vocab`), in `lora_dtype`."""
+    assert tensors is not None
+    input_embeddings = _finite_cast("input_embeddings", tensors["input_embeddings"], lora_dtype)
     if "output_embeddings" in tensors:
         output_embeddings = _finite_cast("output_embeddings", tensors["output_embeddings"], lora_dtype)
     else:

@@ -130,12 +130,15 @@ class LoRAManager:
         tensor = tensor.contiguous().clone()
         return tensor.pin_memory() if self.pin_memory else tensor
 
-    def prefetch(self, lora: LoRARequest) -> None:
-        """Read the adapter into the CPU cache in the background, so a later slot load finds it there."""
+    def prefetch(self, lora: LoRARequest) -> Future | None:
+        """Read the adapter into the CPU cache in the background, so a later slot load finds it there;
+        returns the read (its error is a refused adapter), None when the adapter is already cached."""
         with self._lock:
-            if lora.lora_int_id in self.cpu_cache or lora.lora_int_id in self._loading:
-                return
-            self._loading[lora.lora_int_id] = self._prefetcher.submit(self._read_into_cache, lora)
+            if lora.lora_int_id in self.cpu_cache:
+                return None
+            if lora.lora_int_id not in self._loading:
+                self._loading[lora.lora_int_id] = self._prefetcher.submit(self._read_into_cache, lora)
+            return self._loading[lora.lora_int_id]
 
     def get_slices(self, lora: LoRARequest) -> AdapterSlices:
         """From the CPU cache (LRU), from a prefetch under way, or read from disk now."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from concurrent.futures import Future
 
 import ray
 import torch
@@ -41,6 +42,7 @@ class Worker:
         self.rank = rank
         self.runner: ModelRunner | None = None
         self.store: dist.Store | None = None
+        self.loading: dict[int, Future] = {}  # adapter reads whose end the driver waits for
         self.threads = _threads_for(config)
         torch.set_num_threads(self.threads)
         if config.device != "cuda":
@@ -78,8 +80,28 @@ class Worker:
         assert self.runner is not None and self.runner.lora is not None
         self.runner.lora.prefetch(lora)
 
+    def load_lora(self, lora: LoRARequest) -> None:
+        """Start reading an adapter as `prefetch_lora` does, and keep the read for `lora_loaded`."""
+        assert self.runner is not None and self.runner.lora is not None
+        reading = self.runner.lora.prefetch(lora)
+        if reading is not None:
+            self.loading[lora.lora_int_id] = reading
+
+    def lora_loaded(self, lora_id: int) -> bool:
+        """Whether the read `load_lora` started is over, without waiting for it (steps go on);
+        raises its refusal (InvalidRequestError for an adapter whose values are bad)."""
+        reading = self.loading.get(lora_id)
+        if reading is None:
+            return True
+        if not reading.done():
+            return False
+        del self.loading[lora_id]
+        reading.result()
+        return True
+
     def remove_lora(self, lora_id: int) -> None:
         assert self.runner is not None and self.runner.lora is not None
+        self.loading.pop(lora_id, None)
         self.runner.lora.remove(lora_id)
 
     def lora_cache_stats(self) -> dict[str, int]:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 
 from cluster.config import EngineConfig
 from cluster.engine.core import EngineCore, EngineLimits
@@ -39,7 +38,7 @@ from cluster.engine.scheduler import ScheduledBatch
 from cluster.engine.tokenizer_loading import load_tokenizer, require_tokenizer
 from cluster.engine.worker_group import WorkerGroup
 from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
-from lora.adapter import load_adapter
+from lora.adapter import describe_adapter
 from lora.request import LoRARequest
 from workers.models.config import load_model_config
 
@@ -134,18 +133,27 @@ class Driver:
     # ---- adapters -------------------------------------------------------------------------
 
     def _validate_adapter(self, name: str, path: str) -> AdapterInfo:
-        """Read and check the whole adapter against the model before it is listed."""
+        """Check the adapter against the model from its config and its files' headers, before it is
+        listed; the workers alone read its values (`_load_adapter`)."""
         if not self.config.enable_lora:
             raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="lora_path")
-        adapter = load_adapter(
-            path, name, self.model_config, max_lora_rank=self.config.max_lora_rank, lora_dtype=torch.float32,
+        adapter = describe_adapter(
+            path, name, self.model_config, max_lora_rank=self.config.max_lora_rank,
             lora_extra_vocab_size=self.config.lora_extra_vocab_size, allowed_roots=self.config.allowed_lora_roots,
             allow_pickle=self.config.allow_pickle_adapters,
         )
-        return AdapterInfo(
-            extra_tokens=adapter.extra_vocab.num_tokens if adapter.extra_vocab else 0,
-            rope_table=self._rope_table(name, adapter.long_context_factor),
-        )
+        return AdapterInfo(extra_tokens=adapter.extra_tokens, rope_table=self._rope_table(name, adapter.long_context_factor))
+
+    async def _load_adapter(self, request: LoRARequest) -> None:
+        """Every worker reads the adapter and checks its values; a bad one is refused (400) here."""
+        if self._unavailable is not None:
+            raise EngineDeadError(f"the engine is not serving right now ({self._unavailable}): retry in a few seconds")
+        await self.workers.load_lora(request)
+
+    async def _register_requested(self, lora: LoRARequest | str | None) -> None:
+        """A LoRARequest passed with a call is added (and loaded) before its request is queued."""
+        if isinstance(lora, LoRARequest) and self.config.enable_lora:
+            await self.loras.register_loaded(lora, self._load_adapter)
 
     def _rope_table(self, name: str, factor: float | None) -> int:
         if factor is None:
@@ -160,13 +168,9 @@ class Driver:
         return 1 + factors.index(factor)
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
-        """Register an adapter (validated first); workers start reading it into their CPU caches."""
+        """Register an adapter: validated here, read into every worker's CPU cache, then listed."""
         path = str(Path(lora_path).expanduser())
-        known = self.loras.get(lora_name)
-        request = self.loras.add(lora_name, path)
-        if known is None:
-            self.workers.prefetch_lora(request)
-        return request
+        return await self.loras.add_loaded(lora_name, path, self._load_adapter)
 
     async def remove_lora(self, lora_name: str) -> bool:
         """Unlist an adapter; requests already running with it finish."""
@@ -240,6 +244,7 @@ class Driver:
         try:
             for index, (prompt, params, lora, request_id) in enumerate(zip(prompt_list, params_list, lora_list, request_ids)):
                 try:
+                    await self._register_requested(lora)
                     self._submit(prompt, params, lora, request_id)
                 except InvalidRequestError as exc:
                     where = f"prompt {index}: " if len(prompt_list) > 1 else ""
@@ -260,6 +265,7 @@ class Driver:
         """Yield what the steps add to one request, ending with its finish reason: the first delta at
         once, then everything new at most every `stream_interval_ms` (default: the engine's)."""
         request_id = request_id or uuid.uuid4().hex
+        await self._register_requested(lora_request)
         self.submit(prompt, sampling_params, lora_request, request_id)
         interval_ms = self.config.stream_interval_ms if stream_interval_ms is None else stream_interval_ms
         async for delta in self.deltas(request_id, interval_ms / 1000):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from cluster.engine.adapter_names import adapter_of_model_id, check_adapter_name
@@ -24,42 +25,96 @@ class AdapterInfo:
 
 class LoRARegistry:
     """`validate(name, path)` returns the adapter's AdapterInfo, or raises InvalidRequestError for
-    an adapter that cannot be served."""
+    an adapter that cannot be served; it reads no tensor values. `add_loaded` lists an adapter only
+    once its `load` (the workers reading and checking its values) succeeded."""
 
     def __init__(self, validate: Callable[[str, str], AdapterInfo], base_model_name: str) -> None:
         self._validate = validate
         self.base_model_name = base_model_name
         self._by_name: dict[str, LoRARequest] = {}
         self._info: dict[str, AdapterInfo] = {}
+        self._loading: dict[str, tuple[str, asyncio.Future[LoRARequest]]] = {}  # name -> (path, add)
         self._next_id = 1
 
     def add(self, name: str, path: str) -> LoRARequest:
+        """Validate and list at once; the workers read the values later."""
+        known = self._known(name, path)
+        if known is not None:
+            return known
+        if name in self._loading:
+            raise InvalidRequestError(f"the adapter {name!r} is still being loaded: retry when its load has returned",
+                                      param="lora_name")
+        request, info = self._describe(name, path)
+        return self._list(request, info)
+
+    async def add_loaded(self, name: str, path: str, load: Callable[[LoRARequest], Awaitable[None]]) -> LoRARequest:
+        """Validate, await `load`, then list: no request can pick an adapter before its values were
+        checked. Adds of one name at once share one load; the load goes on if its caller goes away."""
+        known = self._known(name, path)
+        if known is not None:
+            return known
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = (path, asyncio.ensure_future(self._load_and_list(name, path, load)))
+            self._loading[name] = loading
+            loading[1].add_done_callback(lambda done: self._end_loading(name, done))
+        elif loading[0] != path:
+            raise InvalidRequestError(
+                f"an adapter named {name!r} is being loaded from another path: unload it once loaded",
+                param="lora_name",
+            )
+        return await asyncio.shield(loading[1])
+
+    async def _load_and_list(self, name: str, path: str, load: Callable[[LoRARequest], Awaitable[None]]) -> LoRARequest:
+        request, info = self._describe(name, path)
+        await load(request)
+        return self._list(request, info)
+
+    def _end_loading(self, name: str, done: asyncio.Future[LoRARequest]) -> None:
+        if self._loading.get(name, (None, None))[1] is done:
+            del self._loading[name]
+        if not done.cancelled():
+            done.exception()  # retrieved, so asyncio does not log a refusal nobody awaited any more
+
+    def _known(self, name: str, path: str) -> LoRARequest | None:
+        """The adapter listed under `name` from `path`; None if none is; raises for a bad or taken name."""
         check_adapter_name(name)
         if name == self.base_model_name:
             raise InvalidRequestError(f"adapter name {name!r} is the base model's name: choose another",
                                       param="lora_name")
         existing = self._by_name.get(name)
-        if existing is not None:
-            if existing.lora_path == path:
-                return existing
-            # the client is not told where the loaded one lives: paths stay on the server
-            raise InvalidRequestError(
-                f"an adapter named {name!r} is already loaded from another path: unload it first",
-                param="lora_name",
-            )
+        if existing is None or existing.lora_path == path:
+            return existing
+        # the client is not told where the loaded one lives: paths stay on the server
+        raise InvalidRequestError(
+            f"an adapter named {name!r} is already loaded from another path: unload it first",
+            param="lora_name",
+        )
+
+    def _describe(self, name: str, path: str) -> tuple[LoRARequest, AdapterInfo]:
         info = self._validate(name, path)
         request = LoRARequest(name, self._next_id, path)
         self._next_id += 1
-        self._by_name[name] = request
-        self._info[name] = replace(info, identity=secrets.token_bytes(16))
+        return request, replace(info, identity=secrets.token_bytes(16))
+
+    def _list(self, request: LoRARequest, info: AdapterInfo) -> LoRARequest:
+        self._by_name[request.lora_name] = request
+        self._info[request.lora_name] = info
         return request
 
     def register(self, request: LoRARequest) -> LoRARequest:
         """A LoRARequest passed with a call: registered on first use (vLLM loads it then too)."""
+        known = self._registered(request)
+        return known if known is not None else self.add(request.lora_name, request.lora_path)
+
+    async def register_loaded(self, request: LoRARequest, load: Callable[[LoRARequest], Awaitable[None]]) -> LoRARequest:
+        """`register`, through `add_loaded` for an adapter not yet listed."""
+        known = self._registered(request)
+        return known if known is not None else await self.add_loaded(request.lora_name, request.lora_path, load)
+
+    def _registered(self, request: LoRARequest) -> LoRARequest | None:
         known = self._by_name.get(request.lora_name)
-        if known is not None and known.lora_path in ("", request.lora_path):
-            return known
-        return self.add(request.lora_name, request.lora_path)
+        return known if known is not None and known.lora_path in ("", request.lora_path) else None
 
     def remove(self, name: str) -> LoRARequest:
         if name not in self._by_name:

@@ -10,11 +10,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig
 from cluster.engine.worker_placement import placement_group_name, remove_orphaned_groups
+from cluster.errors import as_raylora_error
 from lora.request import LoRARequest
 from workers.step import StepInput, StepOutput
 from workers.worker import WorkerActor
 
 PLACEMENT_TIMEOUT_S = 60.0
+LOAD_POLL_S = 0.005  # first wait for the ranks' adapter reads; doubles up to the next
+MAX_LOAD_POLL_S = 0.1
 
 
 def wants_gpu(config: EngineConfig) -> bool:
@@ -79,6 +82,23 @@ class WorkerGroup:
     def prefetch_lora(self, lora: LoRARequest) -> list:
         """Every rank reads its slices into its CPU cache, beside the steps; returns the refs."""
         return [w.prefetch_lora.remote(lora) for w in self.workers]
+
+    async def load_lora(self, lora: LoRARequest) -> None:
+        """Every rank reads and checks the adapter beside the steps; returns when all have it. A rank's
+        refusal (its values are bad) is raised once every rank is done, after all dropped it."""
+        lora_id = lora.lora_int_id
+        await asyncio.gather(*(w.load_lora.remote(lora) for w in self.workers))
+        reading, failures, wait_s = list(self.workers), [], LOAD_POLL_S
+        while reading:
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, MAX_LOAD_POLL_S)
+            done = await asyncio.gather(*(w.lora_loaded.remote(lora_id) for w in reading), return_exceptions=True)
+            failures += [result for result in done if isinstance(result, BaseException)]
+            reading = [w for w, result in zip(reading, done) if result is False]
+        if failures:
+            await asyncio.gather(*(w.remove_lora.remote(lora_id) for w in self.workers), return_exceptions=True)
+            error = as_raylora_error(failures[0])
+            raise (error or failures[0]) from None
 
     async def remove_lora(self, lora_id: int) -> None:
         await asyncio.gather(*(w.remove_lora.remote(lora_id) for w in self.workers))

@@ -1,20 +1,25 @@
-"""Adapter loading against adapters written by real peft: tensors, scaling, dtype, and every refusal."""
+"""Adapter loading against adapters written by real peft: tensors, scaling, dtype, and every refusal;
+the driver's description of an adapter from its config and file headers alone."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
 from cluster.errors import InvalidRequestError
-from lora.adapter import LoRAAdapter, expected_shapes, load_adapter
+from lora import tensor_files
+from lora.adapter import AdapterDescription, LoRAAdapter, describe_adapter, expected_shapes, load_adapter
 from tests.adapters import edit_adapter_config, load_peft_model, make_peft_adapter, write_new_embeddings
 from tests.checkpoints import make_random_checkpoint
 from workers.models.config import ModelConfig, load_model_config
@@ -284,3 +289,153 @@ def test_refusals_keep_paths_for_the_operators_log(
     with pytest.raises(InvalidRequestError) as info:
         load(tmp_path / "broken", model)
     assert str(tmp_path) not in info.value.message and "/" not in info.value.message.split(":", 1)[1]
+
+
+# ---- describing an adapter from its config and file headers (the driver) ------------------------
+
+
+def describe(path: Path | str, model: ModelConfig, **options) -> AdapterDescription:
+    settings = {"max_lora_rank": 16, "lora_extra_vocab_size": 8} | options
+    return describe_adapter(str(path), "pirate", model, **settings)
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every way to read tensor values raises; safetensors' header reader is watched for get_tensor
+    and slice indexing. Returns the reads attempted (none expected)."""
+    attempts: list[str] = []
+    real_safe_open = tensor_files.safe_open
+
+    def refuse(what: str) -> Callable[..., None]:
+        def read(*args, **kwargs) -> None:
+            attempts.append(what)
+            raise AssertionError(f"{what} read tensor data")
+        return read
+
+    class WatchedSlice:
+        def __init__(self, view) -> None:
+            self.view = view
+
+        def get_shape(self):
+            return self.view.get_shape()
+
+        def get_dtype(self):
+            return self.view.get_dtype()
+
+        __getitem__ = refuse("a slice")
+
+    class WatchedHeader:
+        def __init__(self, *args, **kwargs) -> None:
+            self.opened = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.header = self.opened.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.opened.__exit__(*exc)
+
+        def keys(self):
+            return self.header.keys()
+
+        def get_slice(self, key):
+            return WatchedSlice(self.header.get_slice(key))
+
+        get_tensor = refuse("get_tensor")
+
+    monkeypatch.setattr(tensor_files, "safe_open", WatchedHeader)
+    monkeypatch.setattr(tensor_files, "load_file", refuse("load_file"))
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse("safetensors.torch.load_file"))
+    return attempts
+
+
+def test_description_reads_headers_only(adapter_copy: Path, model: ModelConfig, no_tensor_reads: list[str]) -> None:
+    """Values the workers would refuse (NaN) pass: the driver never sees them."""
+    write_new_embeddings(adapter_copy, 3, 64)
+    _set_value("q_proj.lora_A", math.nan)(adapter_copy)
+    description = describe(adapter_copy, model)
+    assert description == AdapterDescription(name="pirate", path=str(adapter_copy.resolve()), rank=4, extra_tokens=3)
+    assert no_tensor_reads == []
+
+
+def test_description_gives_the_trained_context(adapter_copy: Path, model: ModelConfig) -> None:
+    edit_adapter_config(adapter_copy, context_length=3 * model.max_position_embeddings - 1)
+    assert describe(adapter_copy, model).long_context_factor == 3.0
+    assert load(adapter_copy, model).long_context_factor == 3.0
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_description_refuses_what_loading_refuses_but_values(
+    adapter_copy: Path, model: ModelConfig, case: str, no_tensor_reads: list[str]
+) -> None:
+    damage, message = REFUSALS[case]
+    damage(adapter_copy)
+    if case in ("nan", "inf"):
+        assert describe(adapter_copy, model).rank == 4
+        return
+    with pytest.raises(InvalidRequestError, match="LoRA adapter 'pirate'") as info:
+        describe(adapter_copy, model)
+    assert message in info.value.message and info.value.param == "lora_path"
+    assert no_tensor_reads == []
+
+
+def _truncate(adapter_dir: Path) -> None:
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+
+
+def _lying_offsets(adapter_dir: Path) -> None:
+    """A header that claims more data than the file holds."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    key = next(iter(load_file(weights)))
+    header = json.dumps({key: {"dtype": "F32", "shape": [4, 64], "data_offsets": [0, 10**9]}}).encode()
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 1024)
+
+
+def _integer_weights(adapter_dir: Path) -> None:
+    def to_int(tensors: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in tensors if "q_proj.lora_A" in k)
+        tensors[key] = tensors[key].to(torch.int32)
+
+    edit_tensors(adapter_dir, to_int)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_truncate, "adapter_model.safetensors cannot be read"),
+        (_lying_offsets, "adapter_model.safetensors cannot be read"),
+        (_integer_weights, "has dtype torch.int32, not a floating-point type"),
+        (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x13\x37" * 100), "cannot be read"),
+    ],
+    ids=["truncated-data", "lying-offsets", "integer-dtype", "garbage"],
+)
+def test_header_problems_refused_by_both(
+    adapter_copy: Path, model: ModelConfig, damage: Callable[[Path], None], message: str
+) -> None:
+    damage(adapter_copy)
+    for read in (describe, load):
+        with pytest.raises(InvalidRequestError, match="LoRA adapter 'pirate'") as info:
+            read(adapter_copy, model)
+        assert message in info.value.message and info.value.param == "lora_path"
+
+
+def test_description_of_pickle_weights_maps_them(
+    base_dir: Path, model: ModelConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zip-format pickle is memory-mapped (its storages never read); the legacy format is read."""
+    adapter_dir = make_peft_adapter(base_dir, tmp_path, rank=4, alpha=8, safe_serialization=False)
+    with pytest.raises(InvalidRequestError, match="allow_pickle_adapters"):
+        describe(adapter_dir, model)
+    loads: list[bool] = []
+    real_load = torch.load
+
+    def watched_load(*args, mmap: bool = False, **kwargs):
+        loads.append(mmap)
+        return real_load(*args, mmap=mmap, **kwargs)
+
+    monkeypatch.setattr(torch, "load", watched_load)
+    assert describe(adapter_dir, model, allow_pickle=True).rank == 4 and loads == [True]
+    weights = adapter_dir / "adapter_model.bin"
+    torch.save(real_load(weights, weights_only=True), weights, _use_new_zipfile_serialization=False)
+    assert describe(adapter_dir, model, allow_pickle=True).rank == 4 and loads == [True, False]

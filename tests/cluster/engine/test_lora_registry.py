@@ -1,0 +1,120 @@
+"""The adapter registry's loaded adds: an adapter is listed only after the workers' load succeeded,
+so no request can pick one whose values turn out bad (names and ids: test_adapter_names.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
+from cluster.errors import InvalidRequestError
+from lora.request import LoRARequest
+
+
+class Loads:
+    """A stand-in for the workers' load: each call waits for the test to let it end."""
+
+    def __init__(self) -> None:
+        self.started: list[LoRARequest] = []
+        self.ends: dict[int, asyncio.Future[None]] = {}
+
+    async def __call__(self, request: LoRARequest) -> None:
+        self.started.append(request)
+        self.ends[request.lora_int_id] = asyncio.get_running_loop().create_future()
+        await self.ends[request.lora_int_id]
+
+    def finish(self, request: LoRARequest, error: Exception | None = None) -> None:
+        end = self.ends[request.lora_int_id]
+        end.set_exception(error) if error else end.set_result(None)
+
+
+def _registry() -> LoRARegistry:
+    return LoRARegistry(lambda name, path: AdapterInfo(extra_tokens=2), base_model_name="base")
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_listed_only_once_loaded():
+    async def scenario() -> None:
+        registry, loads = _registry(), Loads()
+        adding = asyncio.ensure_future(registry.add_loaded("pirate", "/adapters/pirate", loads))
+        await _settle()
+        assert [r.lora_name for r in loads.started] == ["pirate"]
+        assert registry.get("pirate") is None and registry.list() == []
+        loads.finish(loads.started[0])
+        request = await adding
+        assert registry.list() == [request] and registry.info("pirate").extra_tokens == 2
+        assert await registry.add_loaded("pirate", "/adapters/pirate", loads) == request  # no second load
+        assert len(loads.started) == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_load_lists_nothing_and_the_name_stays_free():
+    async def scenario() -> None:
+        registry, loads = _registry(), Loads()
+        adding = asyncio.ensure_future(registry.add_loaded("pirate", "/adapters/bad", loads))
+        await _settle()
+        loads.finish(loads.started[0], InvalidRequestError("tensor 'x' contains NaN or inf values", "lora_path"))
+        with pytest.raises(InvalidRequestError, match="NaN or inf"):
+            await adding
+        assert registry.list() == []
+        retry = asyncio.ensure_future(registry.add_loaded("pirate", "/adapters/good", loads))
+        await _settle()
+        loads.finish(loads.started[1])
+        assert (await retry).lora_path == "/adapters/good"
+
+    asyncio.run(scenario())
+
+
+def test_adds_of_one_name_at_once_share_one_load():
+    async def scenario() -> None:
+        registry, loads = _registry(), Loads()
+        first = asyncio.ensure_future(registry.add_loaded("pirate", "/adapters/pirate", loads))
+        await _settle()
+        second = asyncio.ensure_future(
+            registry.register_loaded(LoRARequest("pirate", 99, "/adapters/pirate"), loads)
+        )
+        await _settle()
+        with pytest.raises(InvalidRequestError, match="being loaded from another path"):
+            await registry.add_loaded("pirate", "/elsewhere", loads)
+        with pytest.raises(InvalidRequestError, match="still being loaded"):
+            registry.add("pirate", "/adapters/pirate")  # the path that cannot wait
+        assert len(loads.started) == 1
+        loads.finish(loads.started[0])
+        assert await first == await second == registry.get("pirate")
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_going_away_does_not_stop_the_load():
+    async def scenario() -> None:
+        registry, loads = _registry(), Loads()
+        adding = asyncio.ensure_future(registry.add_loaded("pirate", "/adapters/pirate", loads))
+        await _settle()
+        adding.cancel()
+        await _settle()
+        loads.finish(loads.started[0])
+        await _settle()
+        assert registry.get("pirate") == loads.started[0]
+
+    asyncio.run(scenario())
+
+
+def test_refusals_before_any_load():
+    async def scenario() -> None:
+        def refuse(name: str, path: str) -> AdapterInfo:
+            raise InvalidRequestError("its rank 16 is above max_lora_rank (8)", param="lora_path")
+
+        registry, loads = LoRARegistry(refuse, base_model_name="base"), Loads()
+        with pytest.raises(InvalidRequestError, match="max_lora_rank"):
+            await registry.add_loaded("pirate", "/adapters/big", loads)
+        with pytest.raises(InvalidRequestError, match="base model's name"):
+            await registry.add_loaded("base", "/adapters/big", loads)
+        assert loads.started == [] and registry.list() == []
+
+    asyncio.run(scenario())
