@@ -12,14 +12,12 @@ from dataclasses import replace
 
 import torch
 
-from lora.layers import LoRAContext
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import RopeConfig
 
 
 class LongContextRotaryEmbedding(RotaryEmbedding):
-    def __init__(self, head_dim: int, table_len: int, base_rope: RopeConfig, factors: tuple[float, ...],
-                 context: LoRAContext) -> None:
+    def __init__(self, head_dim: int, table_len: int, base_rope: RopeConfig, factors: tuple[float, ...]) -> None:
         if base_rope.rope_type not in ("default", "linear"):
             raise ValueError(
                 f"long_lora_scaling_factors needs a model with plain or linear rope, not {base_rope.rope_type!r}"
@@ -32,8 +30,7 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
         self.cos = torch.cat([self.cos, *(table.cos for table in scaled)])
         self.sin = torch.cat([self.sin, *(table.sin for table in scaled)])
         self.table_len = table_len
-        self.context = context
+        self.offsets: torch.Tensor | None = None  # per flat token: where its table starts; the LoRA manager sets it each step
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = self.context.rope_offsets
-        return super().forward(positions if offsets is None else positions + offsets, q, k)
+        return super().forward(positions if self.offsets is None else positions + self.offsets, q, k)

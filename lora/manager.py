@@ -1,12 +1,12 @@
-"""A worker's LoRA state: the model's LoRA layers with their slot buffers, and a CPU cache of
-this rank's adapter slices so that moving an adapter into a slot does not touch the disk.
+"""A worker's LoRA state: the backend chosen at start-up, the model's LoRA layers with their slot
+buffers, and a CPU cache of this rank's adapter slices so that moving an adapter into a slot does
+not touch the disk.
 
 The driver says which adapter goes into which slot (`SlotLoad`); this class only obeys.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,26 +18,15 @@ from torch import nn
 from cluster.config import EngineConfig
 from cluster.engine.model_checks import resolve_max_model_len
 from lora.adapter import LoRAAdapter, load_adapter
-from lora.fully_sharded import ColumnParallelLinearWithShardedLoRA, RowParallelLinearWithShardedLoRA
-from lora.layers import (
-    ColumnParallelLinearWithLoRA,
-    LoRAContext,
-    ParallelLMHeadWithLoRA,
-    RowParallelLinearWithLoRA,
-    SlicedWeights,
-    SlotSpec,
-    VocabParallelEmbeddingWithLoRA,
-)
+from lora.layers import layer_kind
+from lora.layers.base import BaseLayerWithLoRA, LayerAdapter, LayerSlices, LoRASetup
 from lora.long_context import LongContextRotaryEmbedding
-from lora.ops import LoRAStepMetadata
+from lora.ops.selection import select_backend
 from lora.request import LoRARequest
 from lora.slots import SlotLoad
-from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from workers.models.config import ModelConfig
 
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
-AdapterSlices = dict[str, SlicedWeights]  # LoRA layer name -> this rank's weights
+AdapterSlices = dict[str, LayerSlices]  # LoRA layer key -> this rank's weights
 
 
 def resolve_lora_dtype(lora_dtype: str, base_dtype: torch.dtype) -> torch.dtype:
@@ -51,8 +40,12 @@ class LoRAManager:
         self.config = config
         self.model_config = model_config
         self.dtype = resolve_lora_dtype(config.lora_dtype, base_dtype)
-        self.spec = SlotSpec(config.max_loras, config.max_lora_rank, self.dtype, device)
-        self.context = LoRAContext()
+        self.device = device
+        self.backend = select_backend(config.max_loras, device, self.dtype)
+        self.setup = LoRASetup(
+            self.backend, config.max_lora_rank, self.dtype, fully_sharded=config.fully_sharded_loras,
+            extra_vocab_size=config.lora_extra_vocab_size, packed_modules=getattr(model, "packed_modules", {}),
+        )
         self.layers = self._wrap(model)
         self.rotary = self._install_long_context_rope(model) if config.long_lora_scaling_factors else None
         self.cpu_cache: OrderedDict[int, AdapterSlices] = OrderedDict()
@@ -65,43 +58,27 @@ class LoRAManager:
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def _wrap(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Replace every LoRA-capable layer by its wrapper; keys like "layers.3.qkv_proj", "lm_head"."""
-        wrappers: dict[str, nn.Module] = {}
-        extra = self.config.lora_extra_vocab_size
-        sharded = self.config.fully_sharded_loras
-        packed: dict[str, list[str]] = getattr(model, "packed_modules", {})
-        column_class = ColumnParallelLinearWithShardedLoRA if sharded else ColumnParallelLinearWithLoRA
-        row_class = RowParallelLinearWithShardedLoRA if sharded else RowParallelLinearWithLoRA
+    def _wrap(self, model: nn.Module) -> dict[str, BaseLayerWithLoRA]:
+        """Replace every module a LoRA layer kind wraps by its LoRA layer; keyed by layer key
+        ("layers.3.qkv_proj", "embed_tokens", "lm_head")."""
+        layers: dict[str, BaseLayerWithLoRA] = {}
         for name, module in list(model.named_modules()):
-            leaf = name.rsplit(".", 1)[-1]
-            if isinstance(module, ParallelLMHead):
-                wrapper: nn.Module = ParallelLMHeadWithLoRA(module, self.spec, self.context, extra)
-                key = "lm_head"
-            elif isinstance(module, VocabParallelEmbedding):
-                wrapper = VocabParallelEmbeddingWithLoRA(module, self.spec, self.context, extra)
-                key = "embed_tokens"
-            elif isinstance(module, ColumnParallelLinear):
-                projections = list(packed.get(leaf, [leaf]))  # checkpoint projections in shard order
-                wrapper = column_class(module, projections, self.spec, self.context)
-                key = f"layers.{_layer_index(name)}.{leaf}"
-            elif isinstance(module, RowParallelLinear):
-                wrapper = row_class(module, leaf, self.spec, self.context)
-                key = f"layers.{_layer_index(name)}.{leaf}"
-            else:
+            kind = layer_kind(module, self.setup)
+            if kind is None:
                 continue
+            layer = kind(module, name, self.setup)
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, leaf, wrapper)
-            wrappers[key] = wrapper
-        return wrappers
+            setattr(parent, name.rsplit(".", 1)[-1], layer)
+            layers[layer.key] = layer
+        return layers
 
     def _install_long_context_rope(self, model: nn.Module) -> LongContextRotaryEmbedding:
         """One shared multi-table rope in every attention layer, long enough for max_model_len."""
         table_len = max(resolve_max_model_len(self.config, self.model_config), self.model_config.max_position_embeddings)
         rotary = LongContextRotaryEmbedding(
             self.model_config.head_dim, table_len, self.model_config.rope,
-            tuple(self.config.long_lora_scaling_factors or ()), self.context,
-        ).to(self.spec.device)
+            tuple(self.config.long_lora_scaling_factors or ()),
+        ).to(self.device)
         for module in model.modules():
             if hasattr(module, "rotary_emb"):
                 module.rotary_emb = rotary
@@ -111,19 +88,12 @@ class LoRAManager:
 
     def _slice(self, adapter: LoRAAdapter) -> AdapterSlices:
         """This rank's part of every wrapped layer, on CPU (pinned for fast copies on CUDA)."""
-        by_layer: dict[str, dict] = {}
-        for module_key, weights in adapter.modules.items():
-            layer, _, projection = module_key.rpartition(".")
-            by_layer.setdefault(layer, {})[projection] = weights
         slices: AdapterSlices = {}
-        for key, wrapper in self.layers.items():
-            if key in ("embed_tokens", "lm_head"):
-                sliced = wrapper.slice_adapter(adapter)
-            else:
-                layer = key.rpartition(".")[0]
-                sliced = wrapper.slice_adapter(by_layer.get(layer, {}))
-            if sliced:
-                slices[key] = {name: tuple(self._owned(t) for t in pair) for name, pair in sliced.items()}
+        for key, layer in self.layers.items():
+            modules = {p: adapter.modules[m] for p, m in layer.module_keys.items() if m in adapter.modules}
+            sliced = layer.slice_adapter(LayerAdapter(modules, adapter.extra_vocab))
+            if not sliced.empty:
+                slices[key] = sliced.map(self._owned)
         return slices
 
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -179,8 +149,12 @@ class LoRAManager:
     def apply_loads(self, loads: list[SlotLoad]) -> None:
         for load in loads:
             slices = self.get_slices(load.lora)
-            for key, wrapper in self.layers.items():
-                wrapper.set_slot(load.slot, slices.get(key, {}))
+            for key, layer in self.layers.items():
+                sliced = slices.get(key)
+                if sliced is None:
+                    layer.clear_slot(load.slot)
+                else:
+                    layer.set_slot(load.slot, sliced)
             self.slot_lora_ids[load.slot] = load.lora.lora_int_id
 
     def remove(self, lora_id: int) -> None:
@@ -190,28 +164,11 @@ class LoRAManager:
     # ---- steps ------------------------------------------------------------------------------
 
     def set_step(self, lora_slots: np.ndarray | None, query_lens: np.ndarray, rope_tables: np.ndarray | None) -> None:
-        """The slot of every flat token and every sampled row, for all LoRA layers at once, and
+        """The slot of every sequence, indexed once by the backend for all LoRA layers, and
         (long-context adapters) which rotary table each token reads."""
-        if self.rotary is not None and rope_tables is not None:
-            offsets = np.repeat(rope_tables * self.rotary.table_len, query_lens)
-            self.context.rope_offsets = torch.from_numpy(offsets).to(self.spec.device)
-        else:
-            self.context.rope_offsets = None
-        if lora_slots is None:
-            self.context.token_meta = self.context.row_meta = None
-            return
-        device = self.spec.device
-        token_slots = np.repeat(lora_slots, query_lens)
-        self.context.token_meta = LoRAStepMetadata.build(token_slots, self.spec.num_slots, device)
-        one_token_each = len(token_slots) == len(lora_slots)  # decode: the sampled rows are the tokens
-        self.context.row_meta = (
-            self.context.token_meta if one_token_each
-            else LoRAStepMetadata.build(lora_slots, self.spec.num_slots, device)
-        )
-
-
-def _layer_index(module_name: str) -> int:
-    match = _LAYER_INDEX.search(module_name + ".")
-    if match is None:
-        raise ValueError(f"cannot tell which decoder layer {module_name!r} belongs to")
-    return int(match.group(1))
+        if self.rotary is not None:
+            self.rotary.offsets = (
+                None if rope_tables is None
+                else torch.from_numpy(np.repeat(rope_tables * self.rotary.table_len, query_lens)).to(self.device)
+            )
+        self.backend.set_step(lora_slots, query_lens)

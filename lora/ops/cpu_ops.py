@@ -1,23 +1,27 @@
-"""Fused multi-LoRA delta for CPU: a small C++ kernel for any mixed batch, decode or prefill.
+"""The CPU kernel backend: a small C++ kernel for a layer's fused delta in any mixed batch,
+decode or prefill, and the torch backend for everything else.
 
 The kernel splits each slot's tokens into units of up to 16 and runs the units in parallel.
 For each unit it computes the shrink into a rank-sized scratch (x·Aᵀ), then the expand of each
 slice (·Bᵀ), adding straight into those tokens' output rows; a token belongs to one unit, so
 no two threads write one row. Both products are register-tiled outer-product updates along
-contiguous rows, which needs each slot's A stored input-major and B rank-major: the layer
-buffers are allocated that way on CPU (`slot_weights`) and still read as [slots, rows, cols]
-views everywhere else. Float32 only (the products are float32 on every path); built by
-`workers.cpu_extension`, and where it is not available the torch path serves.
+contiguous rows, which needs each slot's A stored input-major and B rank-major: this backend
+allocates the layer buffers that way (`CpuKernelBackend.slot_weights`), and they still read
+as [slots, rows, cols] views everywhere else. Float32 only (the products are float32 on every
+path); built by `workers.cpu_extension`. The worker picks this backend only where the kernel
+is built and the LoRA weights are float32; activations it does not serve go to the torch path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from lora.ops.backend import PackedLoRAWeights
 from lora.ops.metadata import LoRAStepMetadata
+from lora.ops.torch_ops import TorchBackend
 from workers.cpu_extension import CpuExtension
 
 _SOURCE = r"""
@@ -183,21 +187,12 @@ void add_lora_by_slot(
 EXTENSION = CpuExtension("raylora_lora_by_slot", _SOURCE, ["add_lora_by_slot"])
 
 
-def slot_weights(num_slots: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed per-slot weights [num_slots, rows, cols]. On CPU each slot is stored transposed
-    (a [num_slots, cols, rows] buffer seen through a transposed view), the layout the kernel
-    reads; elsewhere row-major, as the Triton kernels read best."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(num_slots, rows, cols, dtype=dtype, device=device)
-    return torch.zeros(num_slots, cols, rows, dtype=dtype, device=device).transpose(1, 2)
-
-
 def _stored_transposed(weights: torch.Tensor) -> bool:
     return weights.transpose(1, 2).is_contiguous()
 
 
 def weights_fit(stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor]) -> bool:
-    """Float32 CPU weights in `slot_weights`' CPU layout, and the kernel built."""
+    """Float32 CPU weights in the kernel's layout (`CpuKernelBackend.slot_weights`), and the kernel built."""
     return all(
         w.device.type == "cpu" and w.dtype == torch.float32 and _stored_transposed(w) for w in (stacked_a, *lora_b)
     ) and EXTENSION.module() is not None
@@ -246,3 +241,46 @@ def add_lora_by_slot(
 ) -> None:
     """`run` on weights given as [slots, rows, cols] views in the kernel's layout."""
     run(out, x, KernelViews.of(stacked_a, lora_b), offsets, meta)
+
+
+@dataclass(frozen=True)
+class KernelLoRAWeights(PackedLoRAWeights):
+    """A layer's buffers in the kernel's layout, with the kernel's views of them made once."""
+
+    views: KernelViews = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "views", KernelViews.of(self.stacked_a, self.lora_b))
+
+
+class CpuKernelBackend(TorchBackend):
+    """Slot buffers stored transposed, as the kernel reads them; a layer's fused delta in the
+    kernel, and the torch path for the rest (shrink or expand alone, other activations)."""
+
+    def slot_weights(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """Each slot stored transposed: a [num_slots, cols, rows] buffer seen through a transposed view."""
+        return torch.zeros(self.num_slots, cols, rows, dtype=dtype, device=self.device).transpose(1, 2)
+
+    def pack(self, stacked_a: torch.Tensor, lora_b: Sequence[torch.Tensor], offsets: Sequence[int]) -> PackedLoRAWeights:
+        if weights_fit(stacked_a, lora_b):
+            return KernelLoRAWeights(stacked_a, tuple(lora_b), tuple(offsets))
+        return super().pack(stacked_a, lora_b, offsets)
+
+    def add_packed(self, out: torch.Tensor, x: torch.Tensor, weights: PackedLoRAWeights, meta: LoRAStepMetadata) -> None:
+        weights.check_step(out, x, meta)
+        if not meta.has_lora:
+            return
+        if isinstance(weights, KernelLoRAWeights) and inputs_fit(out, x):
+            run(out, x, weights.views, weights.offsets, meta)
+            return
+        super()._add_stacked(out, x, weights.stacked_a, list(weights.lora_b), meta, list(weights.offsets))
+
+    def _add_stacked(
+        self, out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: list[torch.Tensor],
+        meta: LoRAStepMetadata, offsets: list[int],
+    ) -> None:
+        if applies(out, x, stacked_a, lora_b):
+            add_lora_by_slot(out, x, stacked_a, lora_b, offsets, meta)
+            return
+        super()._add_stacked(out, x, stacked_a, lora_b, meta, offsets)

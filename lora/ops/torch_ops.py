@@ -1,10 +1,9 @@
-"""Plain-torch multi-LoRA ops: the reference path, and the fast path on CPU.
+"""The plain-torch backend: the reference path everywhere, and what the CPU kernel backend
+falls back to for anything its kernel does not serve.
 
-Float32 on a CPU with the C++ kernel built and the weights in its layout (`slot_weights`),
-a step goes to `cpu_ops` (one fused pass per unit of a slot's tokens). Otherwise, when the slots hold similar
-numbers of tokens, the LoRA tokens are gathered into the metadata's zero-padded per-slot grid
-and each weight is one batched matmul (`torch.bmm`) over all slots. Otherwise (prefill segments of different lengths) they
-are gathered in slot order and each weight is one grouped matmul (`torch._grouped_mm`, a loop
+When the slots hold similar numbers of tokens, the LoRA tokens are gathered into the metadata's
+zero-padded per-slot grid and each weight is one batched matmul (`torch.bmm`) over all slots.
+Otherwise (prefill segments of different lengths) they are gathered in slot order and each weight is one grouped matmul (`torch._grouped_mm`, a loop
 over groups in C++) on CPU when the shapes meet its 16-byte alignment rule, else a Python loop
 over the active slots. Either way the Python work per layer is bounded by `max_loras`, never
 by the number of tokens. Products run in float32, so half-precision inputs accumulate as they
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lora.ops import cpu_ops
+from lora.ops.backend import LoRABackend
 from lora.ops.metadata import LoRAStepMetadata, SlotGrid
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -36,6 +35,24 @@ def expand(
     _add_rows(out[:, offset : offset + lora_b.shape[1]], meta.lora_rows, delta)
 
 
+class TorchBackend(LoRABackend):
+    """Row-major slot buffers; batched or grouped matmuls, bounded by `max_loras` per layer."""
+
+    def _shrink(self, x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAStepMetadata, buffer: torch.Tensor) -> None:
+        shrink(x, lora_a, meta, buffer)
+
+    def _expand(
+        self, buffer: torch.Tensor, lora_b: torch.Tensor, meta: LoRAStepMetadata, out: torch.Tensor, offset: int
+    ) -> None:
+        expand(buffer, lora_b, meta, out, offset)
+
+    def _add_stacked(
+        self, out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: list[torch.Tensor],
+        meta: LoRAStepMetadata, offsets: list[int],
+    ) -> None:
+        add_lora(out, x, stacked_a, lora_b, meta, offsets)
+
+
 def add_lora(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -47,9 +64,6 @@ def add_lora(
     """Shrink then expand without a [T, rank] buffer. A packed layer's A matrices come stacked
     ([slots, P*rank, in]), so its slices share one gather of x and one shrink."""
     rank = lora_b[0].shape[2]
-    if cpu_ops.applies(out, x, stacked_a, lora_b):
-        cpu_ops.add_lora_by_slot(out, x, stacked_a, lora_b, offsets, meta)
-        return
     if meta.grid is not None:
         _add_lora_on_grid(out, x, stacked_a, lora_b, meta.grid, offsets, rank)
         return

@@ -1,11 +1,12 @@
-"""Triton multi-LoRA kernels: SGMV (segment tiles, tensor-core dots) and BGMV (one row per program).
+"""The Triton backend: SGMV (segment tiles, tensor-core dots) and BGMV (one row per program) kernels.
 
 SGMV suits prefill, where a sequence's tokens form long runs sharing one adapter:
 a program takes a tile of up to 16 consecutive tokens of one slot, so the adapter
 weights it loads serve the whole tile. BGMV suits decode, where each row may use a
 different slot and a 16-row tile would be mostly padding. All accumulation is fp32;
-masks make any feature size and rank work. Whether the kernels are interpreted
-(`TRITON_INTERPRET=1`, CPU tensors) is fixed when this module is imported.
+masks make any feature size and rank work; slot buffers are row-major. Whether the kernels
+are interpreted (`TRITON_INTERPRET=1`, CPU tensors) is fixed when this module is imported, so
+the worker imports it only once it has chosen this backend.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora.ops.backend import LoRABackend
 from lora.ops.metadata import SGMV_TILE_TOKENS, LoRAStepMetadata
 
 # Read at import, the moment `triton.jit` below decides the same thing.
@@ -203,3 +205,16 @@ def expand(
         *strides, BLOCK_T=SGMV_TILE_TOKENS, BLOCK_N=64, BLOCK_R=_rank_block(rank), DOT_DTYPE=dot_dtype,
         PRECISION=_dot_precision(dot_dtype),
     )  # fmt: skip
+
+
+class TritonBackend(LoRABackend):
+    """Row-major slot buffers (`LoRABackend.slot_weights`); a packed layer shrinks each slice
+    into a float32 buffer and expands it, each a kernel launch per slice."""
+
+    def _shrink(self, x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAStepMetadata, buffer: torch.Tensor) -> None:
+        shrink(x, lora_a, meta, buffer)
+
+    def _expand(
+        self, buffer: torch.Tensor, lora_b: torch.Tensor, meta: LoRAStepMetadata, out: torch.Tensor, offset: int
+    ) -> None:
+        expand(buffer, lora_b, meta, out, offset)

@@ -1,4 +1,5 @@
-"""Batched multi-LoRA ops: the torch path against a per-token oracle, the Triton kernels against the torch path.
+"""Batched multi-LoRA ops: the torch path against a per-token oracle, the CPU kernel and the Triton
+kernels against the torch path, and which backend a worker picks.
 
 Triton runs interpreted on CPU in a subprocess: `triton.jit` fixes interpret mode when the
 kernels are decorated, so setting `TRITON_INTERPRET` inside an already-importing process is
@@ -14,14 +15,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from lora.ops import LoRAStepMetadata, add_lora, cpu_ops, lora_expand, lora_shrink
-from lora.ops.layer_weights import LayerLoRAWeights, add_layer_lora
+from lora.ops import cpu_ops
+from lora.ops.cpu_ops import CpuKernelBackend, KernelLoRAWeights
+from lora.ops.metadata import LoRAStepMetadata
+from lora.ops.selection import BACKEND_ENV, select_backend
+from lora.ops.torch_ops import TorchBackend
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_SLOTS = 4
+TORCH, KERNEL = TorchBackend(NUM_SLOTS), CpuKernelBackend(NUM_SLOTS)
 
 # Slot per token (-1 = base model). Prefill: runs of one sequence's tokens, one longer than
 # an SGMV tile (16) and a slot (0) used by two runs. Decode: one token per sequence.
@@ -64,8 +70,8 @@ def oracle_delta(
 
 
 def in_kernel_layout(weights: torch.Tensor) -> torch.Tensor:
-    """The same [slots, rows, cols] values, stored the way `slot_weights` stores them on CPU."""
-    stored = cpu_ops.slot_weights(weights.shape[0], weights.shape[1], weights.shape[2], weights.dtype, weights.device)
+    """The same [slots, rows, cols] values, stored the way the CPU kernel backend stores slot buffers."""
+    stored = CpuKernelBackend(weights.shape[0], weights.device).slot_weights(weights.shape[1], weights.shape[2], weights.dtype)
     return stored.copy_(weights)
 
 
@@ -151,26 +157,23 @@ def test_torch_path_matches_per_token_oracle(
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
     expected = oracle_delta(x, lora_a, lora_b, slots)
 
-    buffer = lora_shrink(x, lora_a, meta)
+    buffer = TORCH.shrink(x, lora_a, meta)
     assert buffer.dtype == torch.float32
     assert_close(buffer, oracle_shrink(x, lora_a, slots), dtype)
 
     base = torch.randn(len(slots), out_features + 7).to(dtype)
     out = base.clone()
-    lora_expand(buffer, lora_b, meta, out, offset=3)
+    TORCH.expand(buffer, lora_b, meta, out, offset=3)
     assert_close(out[:, 3:-4], base[:, 3:-4].float() + expected, dtype)
     assert torch.equal(out[:, :3], base[:, :3]) and torch.equal(out[:, -4:], base[:, -4:])
 
     # The C++ kernel (fp32 in its layout, where built), batched matmuls over the grid, grouped matmuls by slot.
     kernel_weights = (in_kernel_layout(lora_a), in_kernel_layout(lora_b))
-    for layout, weights, kernel in (
-        (meta, kernel_weights, True), (meta, (lora_a, lora_b), False), (dataclasses.replace(meta, grid=None), kernel_weights, False),
+    for layout, weights, backend in (
+        (meta, kernel_weights, KERNEL), (meta, (lora_a, lora_b), TORCH), (dataclasses.replace(meta, grid=None), kernel_weights, TORCH),
     ):
         fused = base.clone()
-        with pytest.MonkeyPatch.context() as patch:
-            if not kernel:
-                patch.setattr(cpu_ops, "applies", lambda *args: False)
-            add_lora(fused, x, *weights, layout, offset=3)
+        backend.add_lora(fused, x, *weights, layout, offset=3)
         assert_close(fused, out, dtype)
 
 
@@ -182,13 +185,13 @@ def test_packed_layer_slices_land_in_their_own_columns() -> None:
     q_delta, v_delta = oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)
 
     side_by_side = torch.zeros(len(slots), 50)
-    add_lora(side_by_side, x, [a_q, a_v], [b_q, b_v], meta, offset=2)
+    TORCH.add_lora(side_by_side, x, [a_q, a_v], [b_q, b_v], meta, offset=2)
     assert_close(side_by_side, torch.cat([torch.zeros(len(slots), 2), q_delta, v_delta], 1), torch.float32)
 
     apart = torch.zeros(len(slots), 72)
-    buffers = lora_shrink(x, [a_q, a_v], meta)
+    buffers = TORCH.shrink(x, [a_q, a_v], meta)
     assert isinstance(buffers, list) and len(buffers) == 2
-    lora_expand(buffers, [b_q, b_v], meta, apart, offset=[40, 0])
+    TORCH.expand(buffers, [b_q, b_v], meta, apart, offset=[40, 0])
     assert_close(apart[:, 40:], q_delta, torch.float32)
     assert_close(apart[:, :16], v_delta, torch.float32)
     assert not apart[:, 16:40].any()
@@ -209,7 +212,7 @@ def test_cpu_kernel_serves_float32_batches_of_any_length_and_packed_slices(patte
     assert cpu_ops.applies(out, x, stacked_a, b_slices)
     assert not cpu_ops.applies(out, x.half(), stacked_a, b_slices)
     assert not cpu_ops.applies(out, x, torch.cat([a_q, a_v], dim=1), [b_q, b_v])  # row-major weights
-    add_lora(out, x, stacked_a, b_slices, meta, offset=2)
+    KERNEL.add_lora(out, x, stacked_a, b_slices, meta, offset=2)
     expected = torch.cat([torch.zeros(len(slots), 2), oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)], 1)
     assert_close(out, expected, torch.float32)
 
@@ -229,10 +232,10 @@ def test_base_tokens_stay_untouched_even_with_garbage_buffers() -> None:
         lora_a[unused], lora_b[unused] = float("nan"), float("nan")
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
     buffer = torch.full((len(slots), 4), float("nan"))
-    lora_shrink(x, lora_a, meta, out=buffer)
+    TORCH.shrink(x, lora_a, meta, out=buffer)
     out = torch.randn(len(slots), 24)
     before = out.clone()
-    lora_expand(buffer, lora_b, meta, out)
+    TORCH.expand(buffer, lora_b, meta, out)
     assert torch.equal(out[[0, 2]], before[[0, 2]])
     assert torch.isfinite(out).all()
     assert_close(
@@ -246,8 +249,8 @@ def test_empty_and_base_only_batches_are_noops(slots: list[int]) -> None:
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
     out = torch.randn(len(slots), 8)
     before = out.clone()
-    add_lora(out, x, lora_a, lora_b, meta)
-    lora_expand(lora_shrink(x, lora_a, meta), lora_b, meta, out)
+    TORCH.add_lora(out, x, lora_a, lora_b, meta)
+    TORCH.expand(TORCH.shrink(x, lora_a, meta), lora_b, meta, out)
     assert torch.equal(out, before)
 
 
@@ -255,11 +258,11 @@ def test_mismatched_shapes_are_refused() -> None:
     x, lora_a, lora_b = make_weights(3, 16, 8, 4, torch.float32)
     meta = LoRAStepMetadata.build([0, 1, -1], NUM_SLOTS)
     with pytest.raises(ValueError):
-        lora_shrink(x[:, :15], lora_a, meta)
+        TORCH.shrink(x[:, :15], lora_a, meta)
     with pytest.raises(ValueError):
-        add_lora(torch.zeros(3, 7), x, lora_a, lora_b, meta)
+        TORCH.add_lora(torch.zeros(3, 7), x, lora_a, lora_b, meta)
     with pytest.raises(ValueError):
-        lora_shrink(x[:2], lora_a, meta)
+        TORCH.shrink(x[:2], lora_a, meta)
 
 
 def test_report_torch_path_cost_on_cpu() -> None:
@@ -277,7 +280,7 @@ def test_report_torch_path_cost_on_cpu() -> None:
     print(f"\nbase matmul [{tokens}x{hidden}]·[{hidden}x{hidden}]: {base_us:.0f} us")
     for name, slots in layouts.items():
         meta = LoRAStepMetadata.build(slots, 2 * NUM_SLOTS)
-        lora_us = _best_time_us(lambda meta=meta: add_lora(out, x, lora_a, lora_b, meta))
+        lora_us = _best_time_us(lambda meta=meta: TORCH.add_lora(out, x, lora_a, lora_b, meta))
         build_us = _best_time_us(lambda slots=slots: LoRAStepMetadata.build(slots, 2 * NUM_SLOTS))
         print(
             f"{name}: add_lora {lora_us:.0f} us ({lora_us / base_us:.2f}x base), metadata {build_us:.0f} us/step"
@@ -300,14 +303,14 @@ def _best_time_us(fn, repeats: int = 5, number: int = 20) -> float:
 
 def run_triton_cases(pattern: str) -> None:
     """Triton against torch for one slot pattern; run in a process started with TRITON_INTERPRET=1."""
-    import lora.ops as ops
+    from lora.ops.triton_ops import TritonBackend
+
+    os.environ[BACKEND_ENV] = "triton"
+    assert isinstance(select_backend(NUM_SLOTS, "cpu", torch.float32), TritonBackend)
+    backends = (TorchBackend(NUM_SLOTS), TritonBackend(NUM_SLOTS))
 
     def on_both_backends(fn):
-        results = []
-        for backend in ("torch", "triton"):
-            os.environ[ops.BACKEND_ENV] = backend
-            results.append(fn())
-        return results
+        return [fn(backend) for backend in backends]
 
     slots = SLOT_PATTERNS[pattern]
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
@@ -317,9 +320,9 @@ def run_triton_cases(pattern: str) -> None:
         x, lora_a, lora_b = make_weights(len(slots), 88, 130, rank, dtype)
         base = torch.randn(len(slots), 140).to(dtype)
 
-        def shrink_then_expand(x=x, lora_a=lora_a, lora_b=lora_b, base=base):
-            buffer, out = lora_shrink(x, lora_a, meta), base.clone()
-            lora_expand(buffer, lora_b, meta, out, offset=5)
+        def shrink_then_expand(backend, x=x, lora_a=lora_a, lora_b=lora_b, base=base):
+            buffer, out = backend.shrink(x, lora_a, meta), base.clone()
+            backend.expand(buffer, lora_b, meta, out, offset=5)
             return buffer, out
 
         (want_buffer, want_out), (buffer, out) = on_both_backends(shrink_then_expand)
@@ -331,9 +334,9 @@ def run_triton_cases(pattern: str) -> None:
     _, a_v, b_v = make_weights(len(slots), 40, 8, 8, torch.float16, seed=2)
     packed = torch.zeros(len(slots), 34, dtype=torch.float16)
 
-    def add_packed():
+    def add_packed(backend):
         out = packed.clone()
-        add_lora(out, x, [a_q, a_v], [b_q, b_v], meta, offset=1)
+        backend.add_lora(out, x, [a_q, a_v], [b_q, b_v], meta, offset=1)
         return out
 
     want, got = on_both_backends(add_packed)
@@ -342,9 +345,9 @@ def run_triton_cases(pattern: str) -> None:
 
     stacked_a = torch.cat([a_q, a_v], dim=1)  # how the LoRA layers hold a packed layer's A: the kernels get views
 
-    def add_stacked():
+    def add_stacked(backend):
         out = packed.clone()
-        add_lora(out, x, stacked_a, [b_q, b_v], meta, offset=1)
+        backend.add_lora(out, x, stacked_a, [b_q, b_v], meta, offset=1)
         return out
 
     for result in on_both_backends(add_stacked):
@@ -353,7 +356,7 @@ def run_triton_cases(pattern: str) -> None:
     for no_lora in ([], [-1, -1]):
         x, lora_a, lora_b = make_weights(len(no_lora), 88, 130, 8, torch.float32)
         out = torch.zeros(len(no_lora), 130)
-        add_lora(out, x, lora_a, lora_b, LoRAStepMetadata.build(no_lora, NUM_SLOTS))
+        backends[1].add_lora(out, x, lora_a, lora_b, LoRAStepMetadata.build(no_lora, NUM_SLOTS))
         assert not out.any()
 
 
@@ -378,16 +381,17 @@ def test_triton_on_cuda_matches_torch(
     x, lora_a, lora_b = make_weights(len(slots), 88, 130, 12, dtype)
     base = torch.randn(len(slots), 140).to(dtype)
     results = []
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
     for device in ("cpu", "cuda"):
-        monkeypatch.delenv("RAYLORA_LORA_OPS", raising=False)
-        meta = LoRAStepMetadata.build(slots, NUM_SLOTS, device=device)
+        backend = select_backend(NUM_SLOTS, device, dtype)
+        meta = backend.build_metadata(slots)
         out = base.to(device)
-        add_lora(out, x.to(device), lora_a.to(device), lora_b.to(device), meta, offset=5)
+        backend.add_lora(out, x.to(device), lora_a.to(device), lora_b.to(device), meta, offset=5)
         results.append(out.cpu())
     assert_close(results[1], results[0], dtype)
 
 
-# ---------------------------------------------------------------------------- a layer's prepared weights
+# ---------------------------------------------------------------------------- a layer's packed weights
 
 
 def test_layer_weights_are_checked_once_and_serve_kernel_and_torch_layouts_alike() -> None:
@@ -397,20 +401,57 @@ def test_layer_weights_are_checked_once_and_serve_kernel_and_torch_layouts_alike
     meta = LoRAStepMetadata.build(slots, NUM_SLOTS)
     expected = torch.zeros(len(slots), 40)
     expected[:, 1:25], expected[:, 30:38] = oracle_delta(x, a_q, b_q, slots), oracle_delta(x, a_v, b_v, slots)
-    row_major = LayerLoRAWeights(torch.cat([a_q, a_v], 1), (b_q, b_v), (1, 30))
-    kernel = LayerLoRAWeights(in_kernel_layout(torch.cat([a_q, a_v], 1)), (in_kernel_layout(b_q), in_kernel_layout(b_v)), (1, 30))
-    assert row_major.kernel_views is None
-    assert (kernel.kernel_views is not None) == (cpu_ops.EXTENSION.module() is not None)
-    for weights in (row_major, kernel):
+    row_major = TORCH.pack(torch.cat([a_q, a_v], 1), (b_q, b_v), (1, 30))
+    kernel = KERNEL.pack(in_kernel_layout(torch.cat([a_q, a_v], 1)), (in_kernel_layout(b_q), in_kernel_layout(b_v)), (1, 30))
+    assert not isinstance(row_major, KernelLoRAWeights)
+    assert isinstance(kernel, KernelLoRAWeights) == (cpu_ops.EXTENSION.module() is not None)
+    assert not isinstance(KERNEL.pack(torch.cat([a_q, a_v], 1), (b_q, b_v), (1, 30)), KernelLoRAWeights)  # row-major
+    for backend, weights in ((TORCH, row_major), (KERNEL, kernel), (KERNEL, row_major)):
         out = torch.zeros(len(slots), 40)
-        add_layer_lora(out, x, weights, meta)
+        backend.add_packed(out, x, weights, meta)
         assert_close(out, expected, torch.float32)
 
     with pytest.raises(ValueError, match="does not fit 4 slots of rank 4"):
-        LayerLoRAWeights(torch.cat([a_q, a_v], 1), (b_q, b_v[:, :, :3]), (1, 30))
+        TORCH.pack(torch.cat([a_q, a_v], 1), (b_q, b_v[:, :, :3]), (1, 30))
     with pytest.raises(ValueError, match="do not match"):
-        LayerLoRAWeights(torch.cat([a_q, a_v], 1), (b_q, b_v), (1,))
-    with pytest.raises(ValueError, match=r"x \(33, 39\) is not \[33, 40\]"):
-        add_layer_lora(torch.zeros(len(slots), 40), x[:, :39], row_major, meta)
-    with pytest.raises(ValueError, match="cannot take 38 columns"):
-        add_layer_lora(torch.zeros(len(slots), 37), x, row_major, meta)
+        TORCH.pack(torch.cat([a_q, a_v], 1), (b_q, b_v), (1,))
+    for backend, weights in ((TORCH, row_major), (KERNEL, kernel)):
+        with pytest.raises(ValueError, match=r"x \(33, 39\) is not \[33, 40\]"):
+            backend.add_packed(torch.zeros(len(slots), 40), x[:, :39], weights, meta)
+        with pytest.raises(ValueError, match="cannot take 38 columns"):
+            backend.add_packed(torch.zeros(len(slots), 37), x, weights, meta)
+
+
+# ---------------------------------------------------------------------------- which backend a worker runs
+
+
+def test_backend_is_chosen_once_from_device_dtype_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel_built = cpu_ops.EXTENSION.module() is not None
+    for choice in ("", "auto", "torch", "TORCH"):
+        monkeypatch.setenv(BACKEND_ENV, choice)
+        backend = select_backend(NUM_SLOTS, "cpu", torch.float32)
+        assert type(backend) is (CpuKernelBackend if kernel_built else TorchBackend)
+        assert (backend.num_slots, backend.device) == (NUM_SLOTS, torch.device("cpu"))
+        assert type(select_backend(NUM_SLOTS, "cpu", torch.bfloat16)) is TorchBackend  # the kernel is float32 only
+    monkeypatch.setenv(BACKEND_ENV, "cuda-graphs")
+    with pytest.raises(ValueError, match="must be torch, triton or auto"):
+        select_backend(NUM_SLOTS, "cpu", torch.float32)
+
+
+def test_each_backend_lays_slot_buffers_out_its_own_way() -> None:
+    stored_transposed = KERNEL.slot_weights(8, 16, torch.float32)
+    row_major = TORCH.slot_weights(8, 16, torch.float32)
+    assert stored_transposed.shape == row_major.shape == (NUM_SLOTS, 8, 16)
+    assert stored_transposed.transpose(1, 2).is_contiguous() and row_major.is_contiguous()
+    assert not stored_transposed.any() and not row_major.any()
+
+
+def test_the_backend_indexes_each_step_for_tokens_and_sampled_rows() -> None:
+    backend = TorchBackend(NUM_SLOTS)
+    backend.set_step(np.array([2, -1, 0]), np.array([3, 1, 2]))  # prefill: tokens and sampled rows differ
+    assert backend.token_meta is not None and backend.token_meta.token_slots.tolist() == [2, 2, 2, -1, 0, 0]
+    assert backend.row_meta is not None and backend.row_meta.token_slots.tolist() == [2, -1, 0]
+    backend.set_step(np.array([1, 3]), np.array([1, 1]))  # decode: one token per row, one index serves both
+    assert backend.row_meta is backend.token_meta
+    backend.set_step(None, np.array([4]))
+    assert backend.token_meta is None and backend.row_meta is None
