@@ -353,6 +353,18 @@ def run_triton_cases(pattern: str) -> None:
     for result in on_both_backends(add_stacked):
         assert_close(result, want, torch.float16)
 
+    def add_layer(backend):  # a layer's per-step call, on buffers the backend allocated and packed
+        stacked, slices = backend.slot_weights(16, 40, torch.float16), [backend.slot_weights(n, 8, torch.float16) for n in (24, 8)]
+        stacked.copy_(stacked_a)
+        for buffer, b in zip(slices, (b_q, b_v)):
+            buffer.copy_(b)
+        out = packed.clone()
+        backend.add_packed(out, x, backend.pack(stacked, slices, (1, 25)), meta)
+        return out
+
+    for result in on_both_backends(add_layer):
+        assert_close(result, want, torch.float16)
+
     for no_lora in ([], [-1, -1]):
         x, lora_a, lora_b = make_weights(len(no_lora), 88, 130, 8, torch.float32)
         out = torch.zeros(len(no_lora), 130)
