@@ -8,6 +8,8 @@ the CPU split per variant, and each one's ratio to the first, printed as a Markd
         -- --rates 5 --duration 30 --slo-ttft-ms 2000 --slo-tpot-ms 100
 
 Everything after `--` goes to every run unchanged (give one rate: the table reads the first).
+`NAME@DIR=FLAGS` runs that variant from another checkout (e.g. a `git worktree` of an older
+commit), so two versions of the code meet in one interleaved run.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from pathlib import Path
 class Variant:
     name: str
     flags: list[str]
+    checkout: Path | None = None  # run this checkout's code; None: this one
 
     @classmethod
     def parse(cls, text: str) -> Variant:
-        name, _, flags = text.partition("=")
+        label, _, flags = text.partition("=")
+        name, _, checkout = label.partition("@")
         if not name or not re.fullmatch(r"[\w+.-]+", name):
-            raise argparse.ArgumentTypeError(f"expected NAME=FLAGS with a file-safe NAME, got {text!r}")
-        return cls(name, shlex.split(flags))
+            raise argparse.ArgumentTypeError(f"expected NAME[@DIR]=FLAGS with a file-safe NAME, got {text!r}")
+        if checkout and not (Path(checkout) / "cluster").is_dir():
+            raise argparse.ArgumentTypeError(f"{checkout!r} is not a raylora checkout")
+        return cls(name, shlex.split(flags), Path(checkout).resolve() if checkout else None)
 
 
 def run_once(variant: Variant, round_index: int, out_dir: Path, bench_args: list[str]) -> Path:
@@ -42,7 +48,7 @@ def run_once(variant: Variant, round_index: int, out_dir: Path, bench_args: list
                "--json", str(result), *bench_args]
     print(f"== round {round_index}, {variant.name}: {' '.join(command[3:])}", flush=True)
     with open(out_dir / f"{variant.name}-{round_index}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=variant.checkout)
     return result
 
 
@@ -81,6 +87,7 @@ def main() -> None:
     parser.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
+    args.out = args.out.resolve()  # runs from another checkout write here too
     args.out.mkdir(parents=True, exist_ok=True)
     variants = args.variant
     if len(variants) < 2:
