@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "RAYLORA_CPU_KERNELS"
 
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros"]
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
 # `at::parallel_for` splits work over threads only where OpenMP is on at compile time (its
 # header is inline); the library resolves to the libgomp torch itself loaded.
-_OPENMP_FLAGS = ["-fopenmp"]
+_OPENMP_FLAGS = ("-fopenmp",)
 
 
 class CpuExtension:
@@ -52,7 +52,10 @@ class CpuExtension:
         try:
             return load_inline(
                 name=f"{self.name}_{_cpu_fingerprint()}", cpp_sources=[self.source], functions=self.functions,
-                extra_cflags=_FLAGS + _OPENMP_FLAGS, extra_ldflags=_OPENMP_FLAGS, verbose=False,
+                # fresh lists: torch appends its own link flags to the lists it is given, and a
+                # shared list would change the next extension's build command, so processes that
+                # build the kernels in another order would rebuild them for each other (~20 s each)
+                extra_cflags=[*_FLAGS, *_OPENMP_FLAGS], extra_ldflags=[*_OPENMP_FLAGS], verbose=False,
             )
         except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
             logger.warning("CPU kernel %s could not be built (%s); using the torch path", self.name, error)
