@@ -113,11 +113,11 @@ class Ceiling:
     """The in-process engine with the server's adapters (distinct int ids), warmed up."""
 
     def __init__(self, config: EngineConfig, adapter_names: list[str], adapter_paths: list[str]) -> None:
-        from cluster.engine.offline import OfflineEngine
+        from cluster.engine.in_process import InProcessEngine
         from cluster.engine.sampling_params import SamplingParams
         from lora.request import LoRARequest
 
-        self.engine = OfflineEngine(config)
+        self.engine = InProcessEngine(config)
         self.loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(zip(adapter_names, adapter_paths))]
         warm = self.loras[:4] or [None]
         self.engine.generate([[5, 6, 7]] * len(warm), [SamplingParams(max_tokens=2, temperature=0)] * len(warm), warm)
