@@ -4,6 +4,9 @@ failure isolation, and adapter slots freed by an unload."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +217,10 @@ def test_without_enable_lora_no_adapter_is_served(tokenizer):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         core.add_request("r", [5], SamplingParams(), "a")
     assert not core.requests and not core.executor.loaded
+
+
+def test_the_engine_core_and_its_pieces_import_without_ray():
+    """The unit tests above run without Ray; so must anything that only schedules."""
+    modules = "cluster.engine.core, cluster.engine.scheduler, cluster.engine.lora_registry, lora.slots"
+    code = f"import sys, {modules}; assert 'ray' not in sys.modules, 'ray was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[3])
