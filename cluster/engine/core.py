@@ -33,7 +33,7 @@ from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
 from cluster.engine.output_processor import OutputProcessor, RequestState
 from cluster.engine.outputs import StreamDelta
 from cluster.engine.prefix_hash import adapter_salt
-from cluster.engine.request_bounds import check_unicode, prompt_too_long, tokenize_bounded
+from cluster.engine.request_bounds import check_prompt_fits, check_unicode, tokenize_bounded
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledBatch, Scheduler
 from cluster.engine.sequence import Sequence
@@ -187,8 +187,7 @@ class EngineCore(Generic[OutputT]):
         (`extra_vocab` of them) follow the base vocabulary."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
-        if len(prompt_token_ids) >= self.limits.max_model_len:
-            raise prompt_too_long(str(len(prompt_token_ids)), self.limits.max_model_len)
+        check_prompt_fits(len(prompt_token_ids), self.limits.max_model_len)
         ids = np.asarray(prompt_token_ids)
         vocab = self.limits.vocab_size + extra_vocab
         bad = ids[(ids < 0) | (ids >= vocab)]
