@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from cluster.config import EngineConfig
-from cluster.engine.model_checks import resolve_max_model_len
 from lora.adapter import LoRAAdapter, load_adapter
 from lora.layers import layer_kind
 from lora.layers.base import BaseLayerWithLoRA, LayerAdapter, LayerSlices, LoRASetup
@@ -50,7 +49,6 @@ class LoRAManager:
         self.rotary = self._install_long_context_rope(model) if config.long_lora_scaling_factors else None
         self.cpu_cache: OrderedDict[int, AdapterSlices] = OrderedDict()
         self.cache_capacity = config.resolved_max_cpu_loras
-        self.slot_lora_ids: list[int | None] = [None] * config.max_loras
         self.pin_memory = device.type == "cuda"
         self._lock = threading.Lock()  # prefetches run beside steps on a background thread
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-prefetch")
@@ -74,7 +72,7 @@ class LoRAManager:
 
     def _install_long_context_rope(self, model: nn.Module) -> LongContextRotaryEmbedding:
         """One shared multi-table rope in every attention layer, long enough for max_model_len."""
-        table_len = max(resolve_max_model_len(self.config, self.model_config), self.model_config.max_position_embeddings)
+        table_len = max(self.config.max_model_len, self.model_config.max_position_embeddings)
         rotary = LongContextRotaryEmbedding(
             self.model_config.head_dim, table_len, self.model_config.rope,
             tuple(self.config.long_lora_scaling_factors or ()),
@@ -155,7 +153,6 @@ class LoRAManager:
                     layer.clear_slot(load.slot)
                 else:
                     layer.set_slot(load.slot, sliced)
-            self.slot_lora_ids[load.slot] = load.lora.lora_int_id
 
     def remove(self, lora_id: int) -> None:
         with self._lock:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from cluster.config import EngineConfig
-from cluster.engine.model_checks import resolve_max_model_len, resolve_max_num_batched_tokens
 from lora.manager import LoRAManager
 from workers import cpu_attention
 from workers.attention import Attention, AttentionMetadata
@@ -77,8 +76,7 @@ class ModelRunner:
 
     def _profile_activation_bytes(self) -> int:
         """Peak memory of the largest prefill the scheduler may send, measured with a scratch cache."""
-        max_model_len = resolve_max_model_len(self.config, self.model_config)
-        tokens = resolve_max_num_batched_tokens(self.config, max_model_len)
+        tokens = self.config.max_num_batched_tokens  # set by the engine's resolve_config
         blocks = -(-tokens // self.config.block_size)
         self.allocate_kv_cache(blocks)
         torch.cuda.reset_peak_memory_stats()

@@ -37,7 +37,12 @@ def _raise_priority() -> None:
 
 
 class Worker:
+    """`config` is the engine's as `cluster.engine.model_checks.resolve_config` returned it: the
+    limits the driver decided (max_model_len, the step's token budget) are set, and obeyed here."""
+
     def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        if config.max_model_len is None or config.max_num_batched_tokens is None:
+            raise ValueError("a worker runs the engine's resolved config: pass it through resolve_config first")
         self.config = config
         self.rank = rank
         self.runner: ModelRunner | None = None
@@ -75,13 +80,9 @@ class Worker:
         assert self.runner is not None
         return self.runner.execute(step)
 
-    def prefetch_lora(self, lora: LoRARequest) -> None:
-        """Start reading an adapter into the CPU cache, on a background thread, and return."""
-        assert self.runner is not None and self.runner.lora is not None
-        self.runner.lora.prefetch(lora)
-
     def load_lora(self, lora: LoRARequest) -> None:
-        """Start reading an adapter as `prefetch_lora` does, and keep the read for `lora_loaded`."""
+        """Start reading an adapter into the CPU cache, on a background thread, and return; the read
+        (its values checked) is kept for `lora_loaded`."""
         assert self.runner is not None and self.runner.lora is not None
         reading = self.runner.lora.prefetch(lora)
         if reading is not None:

@@ -109,10 +109,10 @@ def transformers_timer(model_dir: Path, workload: Workload, batch_size: int, thr
 
 
 def in_process_engine(config: EngineConfig):
-    """An `OfflineEngine`, warmed up (kernels loaded, first-step allocations made)."""
-    from cluster.engine.offline import OfflineEngine
+    """An `InProcessEngine`, warmed up (kernels loaded, first-step allocations made)."""
+    from cluster.engine.in_process import InProcessEngine
 
-    engine = OfflineEngine(config)
+    engine = InProcessEngine(config)
     engine.generate([[5, 6], [7, 8, 9]], [SamplingParams(max_tokens=2, temperature=0)] * 2)
     return engine
 

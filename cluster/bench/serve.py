@@ -110,15 +110,15 @@ def sweep_rates(args: argparse.Namespace) -> list[float]:
 
 
 class Ceiling:
-    """The in-process engine with the server's adapters (distinct int ids), warmed up."""
+    """The in-process engine with the server's adapters, warmed up."""
 
     def __init__(self, config: EngineConfig, adapter_names: list[str], adapter_paths: list[str]) -> None:
-        from cluster.engine.offline import OfflineEngine
+        from cluster.engine.in_process import InProcessEngine
         from cluster.engine.sampling_params import SamplingParams
-        from lora.request import LoRARequest
 
-        self.engine = OfflineEngine(config)
-        self.loras = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(zip(adapter_names, adapter_paths))]
+        self.engine = InProcessEngine(config)
+        # registered (read and checked) before any timing, as the server's adapters are at its start
+        self.loras = [self.engine.add_lora(name, path) for name, path in zip(adapter_names, adapter_paths)]
         warm = self.loras[:4] or [None]
         self.engine.generate([[5, 6, 7]] * len(warm), [SamplingParams(max_tokens=2, temperature=0)] * len(warm), warm)
 
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, scratch: Path) -> Report:
     ceiling: Ceiling | None = None
     can_mirror = endpoint.model_dir is not None and all(p is not None for p in endpoint.adapter_paths)
     if "ceiling" not in args.skip and can_mirror:
-        # The server's own engine settings; adapters come with each request instead of a registry.
+        # The server's own engine settings; the ceiling registers the server's adapters itself.
         ceiling_config = config.model_copy(update={"lora_modules": {}}) if started_here else mirror_config(args, endpoint)
         ceiling = Ceiling(ceiling_config, endpoint.adapter_names, [p for p in endpoint.adapter_paths if p is not None])
     elif "ceiling" not in args.skip:

@@ -1,6 +1,6 @@
 """The serving path's ceiling: the benchmark's requests through the in-process engine (no Ray, no HTTP).
 
-`replay` adds each request to an `OfflineEngine` at its arrival time and steps the engine
+`replay` adds each request to an `InProcessEngine` at its arrival time and steps the engine
 between arrivals, timing every token the way the HTTP client does (a token's time is the end
 of the step that made it), so its TTFT and TPOT are what a server with a free serving path
 would achieve at that rate. Every step's size and duration is kept; the pure decode steps give
@@ -18,13 +18,13 @@ import numpy as np
 
 from cluster.bench.serve_workload import ServeRequest
 from cluster.bench.stream_client import RequestTiming
-from cluster.engine.offline import OfflineEngine, StepStats
+from cluster.engine.in_process import InProcessEngine, StepStats
 from cluster.engine.sampling_params import SamplingParams
 from lora.request import LoRARequest
 
 
 def replay(
-    engine: OfflineEngine, requests: list[ServeRequest], loras: list[LoRARequest],
+    engine: InProcessEngine, requests: list[ServeRequest], loras: list[LoRARequest],
     on_done: Callable[[RequestTiming], None] | None = None,
 ) -> tuple[list[RequestTiming], list[StepStats]]:
     """Serve the requests in-process at their arrival times; returns their timings and the steps."""
@@ -34,7 +34,7 @@ def replay(
     steps: list[StepStats] = []
     start = time.perf_counter()
     next_arrival = 0
-    while next_arrival < len(pending) or engine.has_work():
+    while next_arrival < len(pending) or engine.has_unfinished_requests():
         now = time.perf_counter() - start
         while next_arrival < len(pending) and pending[next_arrival].arrival_s <= now:
             request = pending[next_arrival]
@@ -42,7 +42,7 @@ def replay(
             params = SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=True)
             by_id[engine.add_request(request.prompt, params, lora)] = timings[request.index]
             next_arrival += 1
-        if not engine.has_work():
+        if not engine.has_unfinished_requests():
             time.sleep(max(0.0, pending[next_arrival].arrival_s - now))
             continue
         deltas = engine.step()

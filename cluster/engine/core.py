@@ -1,149 +1,153 @@
-"""The driver's engine core: requests in, step inputs out, step outputs in, text deltas out.
+"""The engine core, the one loop every engine runs: requests in; schedule, build the step, execute
+it, process its output; text deltas out.
 
-Synchronous and free of Ray, so the driver actor and the in-process benchmark share it. It
-owns every decision (what runs, where its K/V lives, when it stops); workers only compute.
+nano-vllm's `LLMEngine.step` cut in two, so a step can be in flight while the caller works:
+`send_step` schedules the next step, builds the workers' input and hands it to the executor;
+`finish_step` turns the oldest sent step's sampled tokens into deltas. `step` is the two at once,
+for an executor that answers at once (the in-process engine); the driver keeps two steps in
+flight, sending the next before it awaits the current. Either way a request the engine fails on
+is aborted and reported in the result, never failing the loop or the other requests.
+
+Synchronous and free of Ray. It owns every decision (what runs, where its K/V lives, which adapter
+sits in which slot, when a request stops); the executor only computes.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import random
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
-from cluster.engine.lora_registry import AdapterInfo
-from cluster.engine.model_checks import (
-    check_kv_capacity,
-    resolve_max_model_len,
-    resolve_max_num_batched_tokens,
-)
-from cluster.engine.outputs import StreamDelta, TokenLogprob
+from cluster.engine.executor import StepExecutor
+from cluster.engine.limits import EngineLimits
+from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
+from cluster.engine.output_processor import OutputProcessor, RequestState
+from cluster.engine.outputs import StreamDelta
 from cluster.engine.prefix_hash import adapter_salt
+from cluster.engine.request_bounds import check_prompt_fits, check_unicode, tokenize_bounded
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
+from cluster.engine.scheduler import ScheduledBatch, Scheduler
 from cluster.engine.sequence import Sequence
+from cluster.engine.tokenizer_loading import require_tokenizer
 from cluster.errors import InvalidRequestError
 from lora.request import LoRARequest
 from lora.slots import SlotLoad, SlotTable
-from workers.models.config import ModelConfig
 from workers.step import SamplingBatch, StepInput, StepOutput, cache_slots
 
 logger = logging.getLogger(__name__)
 
-
-def eos_token_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase | None, model_eos: list[int]) -> frozenset[int]:
-    """EOS ids from the model config, generation_config.json and the tokenizer (if any), together."""
-    ids = set(model_eos)
-    try:
-        generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        ids.update([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])
-    except OSError:
-        pass
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+Prompt = str | list[int]
+OutputT = TypeVar("OutputT")
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    max_model_len: int
-    vocab_size: int
-    block_size: int
-    num_blocks: int
-    scheduler: SchedulerLimits
-    eos_token_ids: frozenset[int]
-    num_scheduler_steps: int = 1
-    enable_prefix_caching: bool = False
+@dataclass
+class StepResult:
+    """What one call settled: each request's new output, and the requests the engine failed on
+    (aborted; their callers get an error). `batch` is the step it finished, if any."""
 
-    @staticmethod
-    def resolve(
-        config: EngineConfig, model: ModelConfig, tokenizer: PreTrainedTokenizerBase | None, num_blocks: int
-    ) -> EngineLimits:
-        """The limits the engine runs under, once the workers have said how many KV blocks fit."""
-        max_model_len = resolve_max_model_len(config, model)
-        check_kv_capacity(num_blocks, config.block_size, max_model_len)
-        max_batched = resolve_max_num_batched_tokens(config, max_model_len)
-        return EngineLimits(
-            max_model_len=max_model_len,
-            vocab_size=model.vocab_size,
-            block_size=config.block_size,
-            num_blocks=num_blocks,
-            scheduler=SchedulerLimits(
-                config.max_num_seqs, max_batched, config.max_loras, config.enable_chunked_prefill, max_model_len
-            ),
-            eos_token_ids=eos_token_ids(config.model, tokenizer, model.eos_token_ids),
-            num_scheduler_steps=config.num_scheduler_steps,
-            enable_prefix_caching=config.enable_prefix_caching,
-        )
+    deltas: list[StreamDelta] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    batch: ScheduledBatch | None = None
 
 
-@dataclass(eq=False)
-class RequestState:
-    """A sequence plus what the driver tracks to turn its tokens into text."""
+@dataclass
+class InFlightStep(Generic[OutputT]):
+    """A step handed to the executor and not yet processed."""
 
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer | NoDetokenizer
-    lora_name: str | None
-    emitted_text_len: int = 0
-    emitted_token_count: int = 0
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    batch: ScheduledBatch
+    output: OutputT  # what the executor's `submit` returned: the StepOutput, or a future of it
 
 
-class EngineCore:
-    """`tokenizer` None (skip_tokenizer_init): token ids in and out, no text, no stop strings."""
+class EngineCore(Generic[OutputT]):
+    """`tokenizer` None (skip_tokenizer_init): token ids in and out, no text, no stop strings.
+
+    `loras` outlives the core (the driver builds a new core over new workers after a failure);
+    `rng` draws the sampling stream of requests without a seed.
+    """
 
     def __init__(
-        self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase | None, enable_lora: bool = False
+        self, limits: EngineLimits, tokenizer: PreTrainedTokenizerBase | None, executor: StepExecutor[OutputT],
+        loras: LoRARegistry, rng: random.Random | None = None,
     ) -> None:
         self.limits = limits
         self.tokenizer = tokenizer
+        self.executor = executor
+        self.loras = loras
+        self.rng = rng or random.Random()
         self.block_manager = BlockManager(limits.num_blocks, limits.block_size, limits.enable_prefix_caching)
         self.scheduler = Scheduler(limits.scheduler, self.block_manager)
-        self.slots = SlotTable(limits.scheduler.max_loras) if enable_lora else None
+        self.slots = SlotTable(limits.scheduler.max_loras) if loras.enabled else None
+        self.outputs = OutputProcessor(limits.eos_token_ids, limits.max_model_len)
         self.requests: dict[str, RequestState] = {}
+        self.in_flight: deque[InFlightStep[OutputT]] = deque()
         self._seq_ids = itertools.count()
         self._sampled_rows: dict[int, int] = {}  # seq_id -> its row in the last step built, if it samples
-        self.failed_requests: list[str] = []
+        self._removed_loras: set[int] = set()  # removed, but running sequences still read their slots
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """Register an adapter: described and checked here, read and value-checked by every worker,
+        then listed (a request can name it from then on)."""
+        return await self.loras.add_loaded(lora_name, str(Path(lora_path).expanduser()), self.executor.load_lora)
+
+    async def register_lora(self, lora: LoRARequest) -> LoRARequest:
+        """A LoRARequest passed with a request: added as by `add_lora` on first use (vLLM loads it then
+        too); call it before `add_request`, which cannot wait for the workers."""
+        return await self.loras.register_loaded(lora, self.executor.load_lora)
+
+    def remove_lora(self, lora_name: str) -> LoRARequest:
+        """Unlist an adapter; requests already running with it finish. Its slot is free for the next
+        adapter once none of them runs (the workers need not hear of it: a slot's next adapter is
+        loaded over it); the workers drop it from their CPU caches."""
+        request = self.loras.remove(lora_name)
+        if self.slots is not None:
+            self._removed_loras.add(request.lora_int_id)
+            self._free_removed_slots()
+        self.executor.remove_lora(request.lora_int_id)
+        return request
+
+    def _free_removed_slots(self) -> None:
+        assert self.slots is not None
+        running = self.scheduler.active_lora_ids()
+        for lora_id in self._removed_loras - running:
+            self.slots.release(lora_id)
+        self._removed_loras &= running
+
+    def _resolve_lora(self, lora: LoRARequest | str | None) -> tuple[LoRARequest | None, AdapterInfo]:
+        """A request's adapter as registered, and what scheduling needs of it. A name (bare or
+        `base:adapter`) must be registered; so should a LoRARequest (`register_lora`): one that is
+        not is listed at once, its values read at its first slot load."""
+        if isinstance(lora, str):
+            lora = self.loras.resolve_model(lora)
+        elif lora is not None:
+            lora = self.loras.register(lora)
+        return lora, self.loras.info(lora.lora_name) if lora is not None else AdapterInfo()
 
     # ---- requests -------------------------------------------------------------------------
-
-    def validate_prompt(self, prompt_token_ids: list[int], extra_vocab: int = 0) -> None:
-        """Raise InvalidRequestError for a prompt no step could serve; an adapter's added tokens
-        (`extra_vocab` of them) follow the base vocabulary."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
-        if len(prompt_token_ids) >= self.limits.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens but max_model_len is "
-                f"{self.limits.max_model_len}: shorten the prompt so at least one token can be generated",
-                param="prompt",
-            )
-        ids = np.asarray(prompt_token_ids)
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidRequestError("prompt token ids must be integers", param="prompt")
-        vocab = self.limits.vocab_size + extra_vocab
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        if bad.size:
-            raise InvalidRequestError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab})", param="prompt")
 
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt: Prompt,
         params: SamplingParams,
-        noise_seed: int,
-        lora: LoRARequest | None = None,
-        adapter: AdapterInfo = AdapterInfo(),
+        lora: LoRARequest | str | None = None,
+        noise_seed: int | None = None,
     ) -> Sequence:
-        self.validate_prompt(prompt_token_ids, adapter.extra_tokens)
-        if lora is not None and self.slots is None:
-            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="model")
+        """Queue one request; raise InvalidRequestError (nothing queued) if no step could serve it.
+        `noise_seed` is its sampling stream: by default the params' seed, else a fresh one."""
+        lora, adapter = self._resolve_lora(lora)
+        token_ids = self._prompt_token_ids(prompt)
+        self._validate_prompt(token_ids, adapter.extra_tokens)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         if params.stop and self.tokenizer is None:
@@ -152,8 +156,10 @@ class EngineCore:
                 "use stop_token_ids instead",
                 param="stop",
             )
+        if noise_seed is None:
+            noise_seed = params.seed if params.seed is not None else self.rng.getrandbits(62)
         seq = Sequence(
-            seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=list(map(int, prompt_token_ids)),
+            seq_id=next(self._seq_ids), request_id=request_id, prompt_token_ids=token_ids,
             sampling=params, lora=lora, noise_seed=noise_seed, rope_table=adapter.rope_table,
             cache_salt=adapter_salt(lora.lora_int_id, adapter.identity, adapter.rope_table, adapter.extra_tokens)
             if lora is not None else adapter_salt(),
@@ -166,6 +172,28 @@ class EngineCore:
         self.scheduler.add(seq)
         return seq
 
+    def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            tokenizer = require_tokenizer(self.tokenizer, "text prompts", "prompt",
+                                          "send the prompt as a list of token ids")
+            check_unicode(prompt, "prompt")
+            return tokenize_bounded(lambda text: tokenizer(text).input_ids, prompt, self.limits.max_model_len)
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(map(int, prompt))
+        raise InvalidRequestError("a prompt must be a string or a list of token ids", param="prompt")
+
+    def _validate_prompt(self, prompt_token_ids: list[int], extra_vocab: int) -> None:
+        """Raise InvalidRequestError for a prompt no step could serve; an adapter's added tokens
+        (`extra_vocab` of them) follow the base vocabulary."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token", param="prompt")
+        check_prompt_fits(len(prompt_token_ids), self.limits.max_model_len)
+        ids = np.asarray(prompt_token_ids)
+        vocab = self.limits.vocab_size + extra_vocab
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise InvalidRequestError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab})", param="prompt")
+
     def abort(self, request_id: str) -> bool:
         state = self.requests.pop(request_id, None)
         if state is None:
@@ -174,13 +202,69 @@ class EngineCore:
             self.scheduler.finish(state.seq, "abort")
         return True
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
 
-    # ---- steps ----------------------------------------------------------------------------
+    # ---- the loop -------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch | None:
-        return self.scheduler.schedule(self._decode_steps())
+    def step(self) -> StepResult | None:
+        """One whole step: send it, then process its output at once (for an executor whose `submit`
+        returns the StepOutput itself). None when nothing can run."""
+        sent = self.send_step()
+        if sent is None or not self.in_flight:
+            return sent
+        output = self.in_flight[0].output
+        if not isinstance(output, StepOutput):
+            raise TypeError("step() needs an executor that answers at once: await the step's output, then finish_step")
+        return self.finish_step(output)
+
+    def send_step(self) -> StepResult | None:
+        """Schedule the next step, build its input and hand it to the executor; None when nothing can
+        run. A step that cannot be built fails its own requests (returned), not the loop."""
+        batch = None
+        try:
+            batch = self.scheduler.schedule(self._decode_steps())
+            if batch is None:
+                return None
+            step = self._build_step(batch)
+        except Exception:
+            logger.exception("building a step failed; failing its requests")
+            failed = [seq.request_id for seq in batch.seqs] if batch else list(self.requests)
+            for request_id in failed:
+                self.abort(request_id)
+            return StepResult(failed=failed)
+        self.in_flight.append(InFlightStep(batch, self.executor.submit(step)))
+        return StepResult()
+
+    def finish_step(self, output: StepOutput) -> StepResult:
+        """The oldest step in flight returned `output`: append each sampled token, detokenize, apply
+        the stop rules; return what each request gained. A request whose tokens cannot be processed
+        (a tokenizer failing on them, say) is aborted and listed as failed; the others go on."""
+        batch = self.in_flight.popleft().batch
+        result = StepResult(batch=batch)
+        for row, seq in enumerate(batch.seqs):
+            if not batch.samples[row]:  # a prefill chunk short of the prompt's end: nothing sampled
+                continue
+            seq.num_inflight_tokens -= batch.num_steps
+            state = self.requests.get(seq.request_id)
+            if state is None or seq.is_finished:  # aborted while the step was in flight
+                continue
+            try:
+                result.deltas.append(self._process_row(state, output, row))
+            except Exception:
+                logger.exception("processing the output of request %s failed; aborting it", seq.request_id)
+                self.abort(seq.request_id)
+                result.failed.append(seq.request_id)
+        return result
+
+    def _process_row(self, state: RequestState, output: StepOutput, row: int) -> StreamDelta:
+        reason = self.outputs.append_tokens(state, output, row)
+        if reason is not None:
+            self.scheduler.finish(state.seq, reason)
+        delta = self.outputs.delta(state)
+        if reason is not None:
+            del self.requests[state.seq.request_id]
+        return delta
 
     def _decode_steps(self) -> int:
         """`num_scheduler_steps`, cut so no sequence runs past max_model_len and none of the steps
@@ -192,7 +276,7 @@ class EngineCore:
         wanted = max(seq.sampling.max_tokens - seq.num_output_tokens - seq.num_inflight_tokens for seq in running)
         return max(1, min(self.limits.num_scheduler_steps, room, wanted))
 
-    def build_step(self, batch: ScheduledBatch) -> StepInput:
+    def _build_step(self, batch: ScheduledBatch) -> StepInput:
         """The workers' input for a scheduled batch; the tokens it samples are in flight from now on.
 
         A sequence whose newest token is still in flight (sampled by the previous step, not yet
@@ -241,6 +325,8 @@ class EngineCore:
         so each adapter's tokens form one run and the LoRA ops need no gather or scatter for a
         prefill (the rows are one range). Returns the loads and each sequence's slot, in order."""
         assert self.slots is not None
+        if self._removed_loras:
+            self._free_removed_slots()
         batch_loras = {seq.lora_id: seq.lora for seq in batch.seqs if seq.lora is not None}
         loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
         slots = np.array([self.slots.slot(seq.lora_id) for seq in batch.seqs], dtype=np.int64)
@@ -259,97 +345,4 @@ class EngineCore:
             noise_seed=np.array([seq.noise_seed for seq in seqs], dtype=np.int64),
             noise_step=np.array([seq.num_output_tokens + seq.num_inflight_tokens for seq in seqs], dtype=np.int64),
             num_logprobs=max(wanted) if wanted else -1,
-        )
-
-    def process_output(self, batch: ScheduledBatch, output: StepOutput) -> list[StreamDelta]:
-        """Append each sampled token, detokenize, apply stop rules; return what each request gained.
-
-        A request whose tokens cannot be processed (a tokenizer failing on them, say) is aborted
-        and listed in `failed_requests`; the others in the step go on.
-        """
-        deltas = []
-        for row, seq in enumerate(batch.seqs):
-            if not batch.samples[row]:  # a prefill chunk short of the prompt's end: nothing sampled
-                continue
-            seq.num_inflight_tokens -= batch.num_steps
-            state = self.requests.get(seq.request_id)
-            if state is None or seq.is_finished:  # aborted while the step was in flight
-                continue
-            try:
-                deltas.append(self._process_row(state, output, row))
-            except Exception:
-                logger.exception("processing the output of request %s failed; aborting it", seq.request_id)
-                self.abort(seq.request_id)
-                self.failed_requests.append(seq.request_id)
-        return deltas
-
-    def _process_row(self, state: RequestState, output: StepOutput, row: int) -> StreamDelta:
-        seq = state.seq
-        reason = None
-        for column in range(output.token_ids.shape[1]):  # tokens past a finish are dropped
-            reason = self._append_token(state, output, row, column)
-            if reason is not None:
-                break
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-        delta = self._delta(state)
-        if reason is not None:
-            del self.requests[seq.request_id]
-        return delta
-
-    def take_failed_requests(self) -> list[str]:
-        """Requests aborted because the engine failed on them since the last call."""
-        failed, self.failed_requests = self.failed_requests, []
-        return failed
-
-    def _append_token(self, state: RequestState, output: StepOutput, row: int, column: int) -> str | None:
-        """Add one sampled token to the request; return its finish reason, if it finished."""
-        seq = state.seq
-        token_id = int(output.token_ids[row, column])
-        seq.output_token_ids.append(token_id)
-        if seq.sampling.logprobs is not None and output.logprobs is not None:
-            state.logprobs.append(self._token_logprob(output, row, column, seq.sampling.logprobs))
-        previous_text_len = len(state.text)
-        state.detokenizer.add(token_id)
-        state.text = state.detokenizer.text
-        return self._finish_reason(state, token_id, previous_text_len)
-
-    @staticmethod
-    def _token_logprob(output: StepOutput, row: int, column: int, num_top: int) -> TokenLogprob:
-        top: dict[int, float] = {}
-        if num_top and output.top_token_ids is not None:
-            ids = output.top_token_ids[row, column, :num_top].tolist()
-            top = dict(zip(ids, output.top_logprobs[row, column, :num_top].tolist()))
-        return TokenLogprob(int(output.token_ids[row, column]), float(output.logprobs[row, column]), top)
-
-    def _finish_reason(self, state: RequestState, token_id: int, previous_text_len: int) -> str | None:
-        seq, params = state.seq, state.seq.sampling
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.limits.eos_token_ids):
-            return "stop"
-        if params.stop:
-            # A stop string found now must end in the new text.
-            window_start = max(0, previous_text_len - max(map(len, params.stop)) + 1)
-            hits = [i for i in (state.text.find(s, window_start) for s in params.stop) if i >= 0]
-            if hits:
-                state.text = state.text[: min(hits)]
-                return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.limits.max_model_len:
-            return "length"
-        return None
-
-    def _delta(self, state: RequestState) -> StreamDelta:
-        """New text and tokens since the last delta; text that may begin a stop string is held back."""
-        seq = state.seq
-        visible = len(state.text)
-        if not seq.is_finished and seq.sampling.stop:
-            visible -= max(map(len, seq.sampling.stop)) - 1
-        visible = max(visible, state.emitted_text_len)
-        text = state.text[state.emitted_text_len : visible]
-        tokens = seq.output_token_ids[state.emitted_token_count :]
-        logprobs = state.logprobs[state.emitted_token_count :] if seq.sampling.logprobs is not None else None
-        state.emitted_text_len = visible
-        state.emitted_token_count = seq.num_output_tokens
-        return StreamDelta(
-            request_id=seq.request_id, text=text, token_ids=tokens, finish_reason=seq.finish_reason,
-            logprobs=logprobs, num_prompt_tokens=len(seq.prompt_token_ids),
         )

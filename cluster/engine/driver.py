@@ -1,12 +1,13 @@
-"""The driver: engine configuration, scheduler and step loop, over the worker actors.
+"""The driver: an engine core over the worker actors, stepped by a background task.
 
 One class, two homes: a Serve engine replica constructs a `Driver` in its own process (its step
 loop runs on the replica's event loop, so a streamed token crosses no extra Ray hop), and
 `launch()` starts it as a Ray actor (`DriverActor`) for `ray.get` users. Either way requests
-arrive as calls (`generate`, `generate_stream`, or `submit` + `deltas` in-process) while a
-background task steps the engine: schedule, send the step to the workers, turn their tokens into
-text and hand each request its deltas through a `DeltaBuffer`, which coalesces them per reader.
-Requests join and leave the running batch at any step.
+arrive as calls (`generate`, `generate_stream`, or `submit` + `deltas` in-process) while the
+step loop keeps the core's steps in flight on the workers and hands each request its deltas
+through a `DeltaBuffer`, which coalesces them per reader. Requests join and leave the running
+batch at any step. The driver adds what only a long-lived server needs: overload bounds, worker
+health, and rebuilding the workers after a failure.
 """
 
 from __future__ import annotations
@@ -20,31 +21,28 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import ray
 
 from cluster.config import EngineConfig
-from cluster.engine.core import EngineCore, EngineLimits
+from cluster.engine.adapter_description import adapter_info
+from cluster.engine.core import EngineCore, InFlightStep, Prompt, StepResult
 from cluster.engine.delta_buffer import DeltaBuffer
-from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
-from cluster.engine.model_checks import check_tensor_parallel, resolve_max_model_len
+from cluster.engine.limits import EngineLimits
+from cluster.engine.lora_registry import LoRARegistry
+from cluster.engine.model_checks import resolve_config
 from cluster.engine.outputs import GenerationOutput, StreamDelta
 from cluster.engine.prompts import aligned
-from cluster.engine.request_bounds import check_unicode, tokenize_bounded
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.scheduler import ScheduledBatch
-from cluster.engine.tokenizer_loading import load_tokenizer, require_tokenizer
+from cluster.engine.tokenizer_loading import load_tokenizer
 from cluster.engine.worker_group import WorkerGroup
 from cluster.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
-from lora.adapter import describe_adapter
 from lora.request import LoRARequest
 from workers.models.config import load_model_config
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int]
 
 
 @dataclass
@@ -59,14 +57,13 @@ class _PendingRequest:
 
 class Driver:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         self.model_config = load_model_config(config.model)
-        check_tensor_parallel(config, self.model_config)
-        self.max_model_len = resolve_max_model_len(config, self.model_config)
+        self.config = config = resolve_config(config, self.model_config)
         self.tokenizer = load_tokenizer(config)  # None with skip_tokenizer_init: token ids only
-        self.loras = LoRARegistry(self._validate_adapter, config.resolved_served_model_name)
+        self.loras = LoRARegistry(partial(adapter_info, config, self.model_config),
+                                  config.resolved_served_model_name, enabled=config.enable_lora)
         self.workers = WorkerGroup(config)
-        self.engine: EngineCore | None = None
+        self.engine: EngineCore[asyncio.Future] | None = None
         self._pending: dict[str, _PendingRequest] = {}
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -74,7 +71,6 @@ class Driver:
         self._unavailable: str | None = "starting"  # why requests are refused right now
         self._unavailable_since = time.monotonic()
         self._worker_failure: BaseException | None = None
-        self._step_in_flight = False
         self.num_restarts = 0
 
     async def start(self) -> dict[str, Any]:
@@ -92,14 +88,14 @@ class Driver:
         """A worker group and a fresh engine core over its KV cache."""
         num_blocks = await self.workers.start()
         limits = EngineLimits.resolve(self.config, self.model_config, self.tokenizer, num_blocks)
-        self.engine = EngineCore(limits, self.tokenizer, enable_lora=self.config.enable_lora)
+        self.engine = EngineCore(limits, self.tokenizer, self.workers, self.loras, self._random)
         self._unavailable = None
 
     async def info(self) -> dict[str, Any]:
         assert self.engine is not None
         return {
             "served_model_name": self.config.resolved_served_model_name,
-            "max_model_len": self.max_model_len,
+            "max_model_len": self.engine.limits.max_model_len,
             "vocab_size": self.model_config.vocab_size,
             "num_kv_blocks": self.engine.limits.num_blocks,
             "block_size": self.config.block_size,
@@ -132,84 +128,39 @@ class Driver:
 
     # ---- adapters -------------------------------------------------------------------------
 
-    def _validate_adapter(self, name: str, path: str) -> AdapterInfo:
-        """Check the adapter against the model from its config and its files' headers, before it is
-        listed; the workers alone read its values (`_load_adapter`)."""
-        if not self.config.enable_lora:
-            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="lora_path")
-        adapter = describe_adapter(
-            path, name, self.model_config, max_lora_rank=self.config.max_lora_rank,
-            lora_extra_vocab_size=self.config.lora_extra_vocab_size, allowed_roots=self.config.allowed_lora_roots,
-            allow_pickle=self.config.allow_pickle_adapters,
-        )
-        return AdapterInfo(extra_tokens=adapter.extra_tokens, rope_table=self._rope_table(name, adapter.long_context_factor))
-
-    async def _load_adapter(self, request: LoRARequest) -> None:
-        """Every worker reads the adapter and checks its values; a bad one is refused (400) here."""
+    def _check_serving(self) -> None:
         if self._unavailable is not None:
             raise EngineDeadError(f"the engine is not serving right now ({self._unavailable}): retry in a few seconds")
-        await self.workers.load_lora(request)
-
-    async def _register_requested(self, lora: LoRARequest | str | None) -> None:
-        """A LoRARequest passed with a call is added (and loaded) before its request is queued."""
-        if isinstance(lora, LoRARequest) and self.config.enable_lora:
-            await self.loras.register_loaded(lora, self._load_adapter)
-
-    def _rope_table(self, name: str, factor: float | None) -> int:
-        if factor is None:
-            return 0
-        factors = list(self.config.long_lora_scaling_factors or ())
-        if factor not in factors:
-            raise InvalidRequestError(
-                f"LoRA adapter {name!r} was trained for a context {factor:g}x the model's: start the engine with "
-                f"{factor:g} in long_lora_scaling_factors (now {factors or 'unset'})",
-                param="lora_path",
-            )
-        return 1 + factors.index(factor)
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Register an adapter: validated here, read into every worker's CPU cache, then listed."""
-        path = str(Path(lora_path).expanduser())
-        return await self.loras.add_loaded(lora_name, path, self._load_adapter)
+        self._check_serving()  # a group being rebuilt could not check the adapter's values
+        assert self.engine is not None
+        return await self.engine.add_lora(lora_name, lora_path)
+
+    async def _register_requested(self, lora: LoRARequest | str | None) -> None:
+        """A LoRARequest passed with a call is added (and loaded) before its request is queued."""
+        if isinstance(lora, LoRARequest):
+            self._check_serving()
+            assert self.engine is not None
+            await self.engine.register_lora(lora)
 
     async def remove_lora(self, lora_name: str) -> bool:
         """Unlist an adapter; requests already running with it finish."""
-        request = self.loras.remove(lora_name)
-        await self.workers.remove_lora(request.lora_int_id)
+        assert self.engine is not None
+        self.engine.remove_lora(lora_name)
         return True
 
     async def list_loras(self) -> list[LoRARequest]:
         return self.loras.list()
 
-    def _resolve_lora(self, lora: LoRARequest | str | None) -> LoRARequest | None:
-        if lora is None:
-            return None
-        if isinstance(lora, str):
-            return self.loras.resolve_model(lora)
-        known = self.loras.get(lora.lora_name)
-        request = self.loras.register(lora)
-        if known is None:
-            self.workers.prefetch_lora(request)
-        return request
-
     # ---- requests -------------------------------------------------------------------------
-
-    def _token_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            tokenizer = require_tokenizer(self.tokenizer, "text prompts", "prompt",
-                                          "send the prompt as a list of token ids")
-            check_unicode(prompt, "prompt")
-            return tokenize_bounded(lambda text: tokenizer(text).input_ids, prompt, self.max_model_len)
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
-        raise InvalidRequestError("a prompt must be a string or a list of token ids", param="prompt")
 
     def _submit(
         self, prompt: Prompt, params: SamplingParams | None, lora: LoRARequest | str | None, request_id: str
     ) -> None:
         """Queue one request; raise before anything is queued if it cannot be served."""
-        if self._unavailable is not None:
-            raise EngineDeadError(f"the engine is not serving right now ({self._unavailable}): retry in a few seconds")
+        self._check_serving()
         assert self.engine is not None and self._wakeup is not None
         bound = self.config.max_waiting_requests
         if bound is not None and len(self.engine.scheduler.waiting) >= bound:
@@ -218,15 +169,9 @@ class Driver:
                 "retry later"
             )
         params = params or SamplingParams()
-        if lora is not None and not self.config.enable_lora:
-            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="model")
-        request = self._resolve_lora(lora)
-        token_ids = self._token_ids(prompt)
-        seed = params.seed if params.seed is not None else self._random.getrandbits(62)
-        info = self.loras.info(request.lora_name) if request else AdapterInfo()
-        self.engine.add_request(request_id, token_ids, params, noise_seed=seed, lora=request, adapter=info)
-        name = request.lora_name if request else None
-        self._pending[request_id] = _PendingRequest(token_ids, name, params.logprobs is not None)
+        seq = self.engine.add_request(request_id, prompt, params, lora)
+        name = seq.lora.lora_name if seq.lora else None
+        self._pending[request_id] = _PendingRequest(seq.prompt_token_ids, name, params.logprobs is not None)
         self._wakeup.set()
 
     async def generate(
@@ -318,7 +263,7 @@ class Driver:
     # ---- the step loop --------------------------------------------------------------------
 
     async def _step_loop(self) -> None:
-        """Schedule, send, and turn outputs into deltas, keeping up to two steps in flight.
+        """The core's steps, up to two in flight: send, await the oldest, hand out its deltas.
 
         With async scheduling the next step is scheduled and sent while the workers run the
         current one (they run their calls in order and feed the tokens still in flight in
@@ -327,66 +272,47 @@ class Driver:
         """
         assert self._wakeup is not None
         depth = 2 if self.config.async_scheduling else 1
-        in_flight: deque[tuple[ScheduledBatch, asyncio.Future]] = deque()
         while True:
+            engine = self.engine
+            assert engine is not None
             if self._worker_failure is not None:
-                await self._drop_in_flight(in_flight)
+                await self._drop_in_flight(engine.in_flight)
                 await self._recover(self._worker_failure)
                 continue
-            assert self.engine is not None
-            if len(in_flight) < depth and self._send_next_step(in_flight):
-                continue
-            if not in_flight:
-                self._step_in_flight = False
+            if len(engine.in_flight) < depth:
+                sent = engine.send_step()
+                if sent is not None:
+                    self._hand_out(sent)
+                    continue
+            if not engine.in_flight:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch, future = in_flight[0]
             try:
-                output = await future
+                output = await engine.in_flight[0].output
             except Exception as exc:  # a worker died or failed mid-step
                 self._worker_failure = exc
                 continue
-            in_flight.popleft()
-            for delta in self.engine.process_output(batch, output):
-                pending = self._pending.get(delta.request_id)
-                if pending is not None:
-                    pending.deltas.put_nowait(delta)
-            self._fail_requests(self.engine.take_failed_requests())
+            self._hand_out(engine.finish_step(output))
 
-    def _send_next_step(self, in_flight: deque[tuple[ScheduledBatch, asyncio.Future]]) -> bool:
-        """Schedule, build and send the next step; False when there is none. A step that cannot be
-        built fails its own requests (logged), never the loop or the other requests."""
-        assert self.engine is not None
-        batch = None
-        try:
-            batch = self.engine.schedule()
-            if batch is None:
-                return False
-            step = self.engine.build_step(batch)
-        except Exception:
-            logger.exception("building a step failed; failing its requests")
-            failed = [seq.request_id for seq in batch.seqs] if batch else list(self.engine.requests)
-            for request_id in failed:
-                self.engine.abort(request_id)
-            self._fail_requests(failed)
-            return True
-        in_flight.append((batch, self.workers.submit(step)))
-        self._step_in_flight = True
-        return True
-
-    def _fail_requests(self, request_ids: list[str]) -> None:
-        error = RequestFailedError("the engine failed while serving this request: retry it")
-        for request_id in request_ids:
-            pending = self._pending.get(request_id)
+    def _hand_out(self, result: StepResult) -> None:
+        """Each delta to its request's reader; an error to each request the engine failed on."""
+        for delta in result.deltas:
+            pending = self._pending.get(delta.request_id)
             if pending is not None:
-                pending.deltas.put_nowait(error)
+                pending.deltas.put_nowait(delta)
+        if result.failed:
+            error = RequestFailedError("the engine failed while serving this request: retry it")
+            for request_id in result.failed:
+                pending = self._pending.get(request_id)
+                if pending is not None:
+                    pending.deltas.put_nowait(error)
 
     @staticmethod
-    async def _drop_in_flight(in_flight: deque[tuple[ScheduledBatch, asyncio.Future]], timeout_s: float = 5.0) -> None:
+    async def _drop_in_flight(in_flight: deque[InFlightStep[asyncio.Future]], timeout_s: float = 5.0) -> None:
         """Let the steps still sent to a failed group end (their results belong to no engine now);
         one that hangs is cancelled."""
-        futures = [future for _, future in in_flight]
+        futures = [step.output for step in in_flight]
         if futures:
             _, hanging = await asyncio.wait(futures, timeout=timeout_s)
             for future in hanging:
@@ -401,7 +327,8 @@ class Driver:
         assert self._wakeup is not None
         while True:
             await asyncio.sleep(interval_s)
-            if self._step_in_flight or self._unavailable is not None or self._worker_failure is not None:
+            stepping = self.engine is not None and self.engine.in_flight
+            if stepping or self._unavailable is not None or self._worker_failure is not None:
                 continue
             try:
                 await asyncio.wait_for(self.workers.ping(), timeout_s)
@@ -433,7 +360,7 @@ class Driver:
                 self.workers.shutdown()
                 await asyncio.sleep(2.0)
         for lora in self.loras.list():
-            self.workers.prefetch_lora(lora)
+            self.workers.load_lora_nowait(lora)
         self._worker_failure = None
         self.num_restarts += 1
 

@@ -26,11 +26,16 @@ class AdapterInfo:
 class LoRARegistry:
     """`validate(name, path)` returns the adapter's AdapterInfo, or raises InvalidRequestError for
     an adapter that cannot be served; it reads no tensor values. `add_loaded` lists an adapter only
-    once its `load` (the workers reading and checking its values) succeeded."""
+    once its `load` (the workers reading and checking its values) succeeded.
 
-    def __init__(self, validate: Callable[[str, str], AdapterInfo], base_model_name: str) -> None:
+    An engine started without `enable_lora` has a registry that refuses every adapter (the one place
+    that rule is checked): nothing is ever listed, so a request naming an adapter finds none.
+    """
+
+    def __init__(self, validate: Callable[[str, str], AdapterInfo], base_model_name: str, enabled: bool = True) -> None:
         self._validate = validate
         self.base_model_name = base_model_name
+        self.enabled = enabled
         self._by_name: dict[str, LoRARequest] = {}
         self._info: dict[str, AdapterInfo] = {}
         self._loading: dict[str, tuple[str, asyncio.Future[LoRARequest]]] = {}  # name -> (path, add)
@@ -92,6 +97,8 @@ class LoRARegistry:
         )
 
     def _describe(self, name: str, path: str) -> tuple[LoRARequest, AdapterInfo]:
+        if not self.enabled:
+            raise InvalidRequestError("this engine serves no LoRA adapters: start it with enable_lora", param="lora_path")
         info = self._validate(name, path)
         request = LoRARequest(name, self._next_id, path)
         self._next_id += 1

@@ -1,9 +1,22 @@
-"""Engine-start checks that need the model's config, with errors that say what to change."""
+"""Engine-start checks that need the model's config, with errors that say what to change.
+
+`resolve_config` runs them once, where an engine starts; what it fills in travels in the config to
+the engine core and to every worker, so no one derives a limit again.
+"""
 
 from __future__ import annotations
 
 from cluster.config import EngineConfig
 from workers.models.config import ModelConfig
+
+
+def resolve_config(config: EngineConfig, model: ModelConfig) -> EngineConfig:
+    """The config as the engine runs it: checked against the model, with `max_model_len` and
+    `max_num_batched_tokens` filled in (never None from here on)."""
+    check_tensor_parallel(config, model)
+    max_model_len = resolve_max_model_len(config, model)
+    max_num_batched_tokens = resolve_max_num_batched_tokens(config, max_model_len)
+    return config.model_copy(update={"max_model_len": max_model_len, "max_num_batched_tokens": max_num_batched_tokens})
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:

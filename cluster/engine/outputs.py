@@ -47,7 +47,6 @@ class StreamDelta:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
-    num_prompt_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -65,4 +64,4 @@ class StreamDelta:
         if any(delta.logprobs is not None for delta in deltas):
             logprobs = [entry for delta in deltas for entry in delta.logprobs or ()]
         return cls(first.request_id, "".join(delta.text for delta in deltas), token_ids, last.finish_reason,
-                   logprobs, first.num_prompt_tokens)
+                   logprobs)

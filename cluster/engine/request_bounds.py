@@ -67,9 +67,14 @@ def tokenize_bounded(tokenize: Tokenize, text: str, max_model_len: int) -> list[
                 raise prompt_too_long(f"at least {count - 1}", max_model_len)
         length *= 2
     token_ids = tokenize(text)
-    if len(token_ids) >= max_model_len:
-        raise prompt_too_long(str(len(token_ids)), max_model_len)
+    check_prompt_fits(len(token_ids), max_model_len)
     return token_ids
+
+
+def check_prompt_fits(num_tokens: int, max_model_len: int) -> None:
+    """A prompt must leave room in max_model_len for at least one generated token (every entry's rule)."""
+    if num_tokens >= max_model_len:
+        raise prompt_too_long(str(num_tokens), max_model_len)
 
 
 def prompt_too_long(num_tokens: str, max_model_len: int) -> InvalidRequestError:

@@ -83,9 +83,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self, decode_steps: int = 1) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. A pure decode step runs `decode_steps` steps
         at once when the free blocks allow it for the whole batch."""
@@ -216,9 +213,3 @@ class Scheduler:
         for queue in (self.running, self.waiting):
             if seq in queue:
                 queue.remove(seq)
-
-    def abort(self, request_id: str) -> list[Sequence]:
-        aborted = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
-        for seq in aborted:
-            self.finish(seq, "abort")
-        return aborted

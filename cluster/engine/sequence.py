@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from cluster.engine.sampling_params import SamplingParams
@@ -33,7 +32,6 @@ class Sequence:
     noise_seed: int = 0  # per-request sampling stream, fixed at arrival
     rope_table: int = 0  # rotary table of a long-context adapter; 0 = the model's own
     cache_salt: bytes = b""  # what besides tokens decides its K/V (the adapter's identity): part of every block key
-    arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -32,7 +32,8 @@ async def _first(results: asyncio.Future) -> StepOutput:
 
 
 class WorkerGroup:
-    """N = tensor_parallel_size `WorkerActor`s, one per bundle of a placement group."""
+    """N = tensor_parallel_size `WorkerActor`s, one per bundle of a placement group: the driver's
+    `StepExecutor`, whose step outputs are futures."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -79,10 +80,6 @@ class WorkerGroup:
         results = asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
         return asyncio.ensure_future(_first(results))
 
-    def prefetch_lora(self, lora: LoRARequest) -> list:
-        """Every rank reads its slices into its CPU cache, beside the steps; returns the refs."""
-        return [w.prefetch_lora.remote(lora) for w in self.workers]
-
     async def load_lora(self, lora: LoRARequest) -> None:
         """Every rank reads and checks the adapter beside the steps; returns when all have it. A rank's
         refusal (its values are bad) is raised once every rank is done, after all dropped it."""
@@ -100,8 +97,14 @@ class WorkerGroup:
             error = as_raylora_error(failures[0])
             raise (error or failures[0]) from None
 
-    async def remove_lora(self, lora_id: int) -> None:
-        await asyncio.gather(*(w.remove_lora.remote(lora_id) for w in self.workers))
+    def load_lora_nowait(self, lora: LoRARequest) -> list:
+        """Every rank starts reading the adapter into its CPU cache, not waited for (a rebuilt group
+        reading back what the registry lists); returns the refs."""
+        return [w.load_lora.remote(lora) for w in self.workers]
+
+    def remove_lora(self, lora_id: int) -> list:
+        """Every rank drops the adapter from its CPU cache, in order with the steps sent; returns the refs."""
+        return [w.remove_lora.remote(lora_id) for w in self.workers]
 
     async def lora_cache_stats(self) -> dict[str, int]:
         return await self.workers[0].lora_cache_stats.remote()

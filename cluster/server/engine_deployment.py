@@ -122,7 +122,7 @@ class EngineReplica:
         """Adapters loaded at runtime on running replicas; without them this replica would 404 on them."""
         try:
             handle = serve.get_deployment_handle(self.deployment_name, app_name=self.app_name)
-            response = handle.broadcast("list_adapters")
+            response = handle.broadcast("list_loras")
             results = await asyncio.wait_for(
                 response.results_async(timeout_s=PEER_TIMEOUT_S, return_exceptions=True), PEER_TIMEOUT_S
             )
@@ -178,15 +178,15 @@ class EngineReplica:
                 await deltas.aclose()
                 self.driver.release(request_id)
 
-    async def list_adapters(self) -> list[LoRARequest]:
+    async def list_loras(self) -> list[LoRARequest]:
         return await self.driver.list_loras()
 
-    async def add_adapter(self, lora_name: str, lora_path: str) -> LoRARequest:
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         request = await self.driver.add_lora(lora_name, lora_path)
         await self._record("record", lora_name, request.lora_path)
         return request
 
-    async def remove_adapter(self, lora_name: str) -> bool:
+    async def remove_lora(self, lora_name: str) -> bool:
         """False when this replica does not serve it."""
         await self._record("forget", lora_name)
         try:

@@ -41,25 +41,25 @@ class EngineReplicas:
         response = self.handle.broadcast(method, *args)
         return await response.results_async(timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
 
-    async def adapters(self) -> list[LoRARequest]:
+    async def list_loras(self) -> list[LoRARequest]:
         by_name: dict[str, LoRARequest] = {}
-        for result in await self.broadcast("list_adapters"):
+        for result in await self.broadcast("list_loras"):
             if isinstance(result, list):
                 by_name |= {lora.lora_name: lora for lora in result}
         return list(by_name.values())
 
-    async def add_adapter(self, lora_name: str, lora_path: str) -> LoRARequest:
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Validated by every replica before any serves it; if one refuses, undone everywhere."""
-        results = await self.broadcast("add_adapter", lora_name, lora_path)
+        results = await self.broadcast("add_lora", lora_name, lora_path)
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
-            await self.broadcast("remove_adapter", lora_name)
+            await self.broadcast("remove_lora", lora_name)
             raise _raised(failures[0])
         return results[0]
 
-    async def remove_adapter(self, lora_name: str, param: str) -> None:
+    async def remove_lora(self, lora_name: str, param: str) -> None:
         """Unlist an adapter on every replica (requests already running with it finish)."""
-        results = await self.broadcast("remove_adapter", lora_name)
+        results = await self.broadcast("remove_lora", lora_name)
         errors = [result for result in results if isinstance(result, BaseException)]
         if errors:
             raise _raised(errors[0])

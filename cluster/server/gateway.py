@@ -89,15 +89,15 @@ class Gateway:
     # ---- adapters: every replica, as the HTTP endpoints do ----------------------------------------
 
     async def list_loras(self) -> list[LoRARequest]:
-        return await self.replicas.adapters()
+        return await self.replicas.list_loras()
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Validated by every replica before it serves; if one refuses, the load is undone everywhere."""
-        return await self.replicas.add_adapter(lora_name, lora_path)
+        return await self.replicas.add_lora(lora_name, lora_path)
 
     async def remove_lora(self, lora_name: str) -> bool:
         """Unlist an adapter on every replica; requests already running with it finish."""
-        await self.replicas.remove_adapter(lora_name, param="lora_request")
+        await self.replicas.remove_lora(lora_name, param="lora_request")
         return True
 
     # ---- requests -------------------------------------------------------------------------------

@@ -55,14 +55,14 @@ class LocalEngineClient:
     async def stats(self) -> list[dict[str, int]]:
         return [await self.replica.stats()]
 
-    async def adapters(self) -> list[LoRARequest]:
-        return await self.replica.list_adapters()
+    async def list_loras(self) -> list[LoRARequest]:
+        return await self.replica.list_loras()
 
-    async def add_adapter(self, lora_name: str, lora_path: str) -> LoRARequest:
-        return await self.replica.add_adapter(lora_name, lora_path)
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        return await self.replica.add_lora(lora_name, lora_path)
 
-    async def remove_adapter(self, lora_name: str, param: str) -> None:
-        if not await self.replica.remove_adapter(lora_name):
+    async def remove_lora(self, lora_name: str, param: str) -> None:
+        if not await self.replica.remove_lora(lora_name):
             raise adapter_not_loaded(lora_name, param)
 
     def open_stream(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None,

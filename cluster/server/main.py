@@ -66,7 +66,7 @@ class StopSignals:
 
 def served_models(config: EngineConfig) -> list[str]:
     engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name=APP_NAME)
-    adapters = engine.list_adapters.remote().result(timeout_s=60)
+    adapters = engine.list_loras.remote().result(timeout_s=60)
     return [config.resolved_served_model_name] + [adapter.lora_name for adapter in adapters]
 
 

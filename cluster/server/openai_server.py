@@ -116,22 +116,22 @@ class OpenAIServer:
         cards = [ModelCard(id=self.base_model, root=self.config.model if expose else None,
                            max_model_len=info["max_model_len"])]
         cards += [ModelCard(id=lora.lora_name, root=lora.lora_path if expose else None, parent=self.base_model)
-                  for lora in await self.engines.adapters()]
+                  for lora in await self.engines.list_loras()]
         return ModelList(data=cards)
 
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         """Validated in every replica's driver before it is listed; any failure undoes the load."""
         check_runtime_updates(self.allow_runtime_updates)
         check_adapter_name(body.lora_name)
-        if any(lora.lora_name == body.lora_name for lora in await self.engines.adapters()):
+        if any(lora.lora_name == body.lora_name for lora in await self.engines.list_loras()):
             raise InvalidRequestError(f"the adapter {body.lora_name!r} is already loaded: unload it first",
                                       param="lora_name")
-        await self.engines.add_adapter(body.lora_name, body.lora_path)
+        await self.engines.add_lora(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         check_runtime_updates(self.allow_runtime_updates)
-        await self.engines.remove_adapter(body.lora_name, param="lora_name")
+        await self.engines.remove_lora(body.lora_name, param="lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     async def health(self) -> Response:
@@ -143,22 +143,15 @@ class OpenAIServer:
 
     # ---- generation -----------------------------------------------------------------------------
 
-    def _adapter_of(self, model: str | None) -> str | None:
-        """None for the base model; the adapter's name for `adapter` or `base:adapter`."""
-        adapter = adapter_of_model_id(model, self.base_model)
-        if adapter is None:
-            return None
-        if not self.config.enable_lora:
-            raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
-        return adapter
-
     async def _respond(
         self, body: SamplingRequest, prompts: list[list[int]], num_logprobs: int | None, endpoint: Endpoint
     ) -> Response:
         if self.tokenizer is None:  # without a tokenizer the token ids are the output
             body.return_token_ids = True
         model = body.model or self.base_model
-        adapter = self._adapter_of(body.model)
+        # the adapter's name routes the request (Serve's multiplexing) and labels its metrics; whether it
+        # is served (and whether the engine serves adapters at all) is the engine's registry's answer
+        adapter = adapter_of_model_id(body.model, self.base_model)
         label = adapter or self.base_model
         try:
             generation = await self._start(body, prompts, num_logprobs, endpoint, model, adapter, label)

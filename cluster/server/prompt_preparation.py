@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from cluster.engine.request_bounds import check_unicode, tokenize_bounded
+from cluster.engine.request_bounds import check_prompt_fits, check_unicode, tokenize_bounded
 from cluster.engine.tokenizer_loading import require_tokenizer
 from cluster.errors import InvalidRequestError
 from cluster.server.chat_template_policy import chat_template_overrides
@@ -67,12 +67,8 @@ class PromptPreparer:
 
 def completion_budget(prompt_len: int, requested: int | None, default: int | None, max_model_len: int) -> int:
     """vLLM's rule: prompt plus max_tokens must fit max_model_len; unset means `default` or what fits."""
+    check_prompt_fits(prompt_len, max_model_len)
     room = max_model_len - prompt_len
-    if room < 1:
-        raise InvalidRequestError(
-            f"the prompt has {prompt_len} tokens but max_model_len is {max_model_len}: shorten the prompt",
-            param="prompt",
-        )
     if requested is None:
         return min(default, room) if default else room
     if requested < 1:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from cluster import EngineConfig, SamplingParams, launch
 from cluster.bench.synthetic import write_word_tokenizer
+from cluster.engine.in_process import InProcessEngine
 from cluster.errors import InvalidRequestError
 from tests.adapters import load_peft_model, make_peft_adapter, write_new_embeddings
 from tests.checkpoints import make_random_checkpoint
@@ -42,20 +43,31 @@ def test_added_tokens_route_to_their_slot(ray_session, tmp_path):
     # large output rows so the added tokens actually get generated
     write_new_embeddings(adapter, NEW_TOKENS, HIDDEN, scale=1.0, seed=2)
     plain = make_peft_adapter(base, tmp_path / "plain", rank=4, target_modules=["q_proj"], seed=10)
-    driver = launch(EngineConfig(
+    config = EngineConfig(
         model=str(base), device="cpu", dtype="float32", max_model_len=64, block_size=8, cpu_kv_cache_bytes=2 << 20,
         torch_threads_per_worker=1, enable_lora=True, max_loras=2, lora_extra_vocab_size=4,
         lora_modules={"new-tokens": str(adapter), "plain": str(plain)},
-    ))
+    )
+    prompts = [[5, VOCAB, 7, VOCAB + 2, 9], [5, 6, 7], [11, 12, 13, 14]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    driver = launch(config)
     try:
-        prompts = [[5, VOCAB, 7, VOCAB + 2, 9], [5, 6, 7], [11, 12, 13, 14]]
-        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         outputs = ray.get(driver.generate.remote(prompts, params, ["new-tokens", None, "plain"]))
         with pytest.raises(InvalidRequestError, match=f"token id {VOCAB} is outside the vocabulary"):
             ray.get(driver.generate.remote([[5, VOCAB]], params, "plain"))
     finally:
         ray.get(driver.shutdown.remote())
         ray.kill(driver)
+    threads = torch.get_num_threads()  # the in-process worker sets the process's thread count
+    try:
+        # the in-process engine serves the adapter's added tokens as the driver does
+        engine = InProcessEngine(config)
+        local = engine.generate(prompts, [params] * 3, ["new-tokens", None, "plain"])
+        with pytest.raises(InvalidRequestError, match=f"token id {VOCAB} is outside the vocabulary"):
+            engine.add_request([5, VOCAB], params, "plain")
+    finally:
+        torch.set_num_threads(threads)
+    assert [out.token_ids for out in local] == [out.token_ids for out in outputs]
     expected = reference_tokens(resized_reference(base, adapter), prompts[0], 12)
     assert outputs[0].token_ids == expected
     assert any(token >= VOCAB for token in expected), "the reference never sampled an added token"

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from cluster import EngineConfig, SamplingParams, launch
 from cluster.bench.synthetic import write_word_tokenizer
+from cluster.engine.in_process import InProcessEngine
 from cluster.errors import InvalidRequestError
 from lora.request import LoRARequest
 from tests.adapters import edit_adapter_config, make_peft_adapter
@@ -38,22 +39,30 @@ def test_long_context_adapter_uses_scaled_rope_per_sequence(ray_session, tmp_pat
     long_adapter = make_peft_adapter(base, tmp_path / "long", rank=8, target_modules=["q_proj", "v_proj"], seed=3)
     edit_adapter_config(long_adapter, context_length=2 * BASE_CONTEXT)  # trained for 128 tokens: factor 2
     short_adapter = make_peft_adapter(base, tmp_path / "short", rank=4, target_modules=["q_proj", "v_proj"], seed=4)
-    driver = launch(EngineConfig(
+    config = EngineConfig(
         model=str(base), device="cpu", dtype="float32", max_model_len=2 * BASE_CONTEXT, block_size=8,
         cpu_kv_cache_bytes=2 << 20, torch_threads_per_worker=1, enable_lora=True, max_loras=2,
         long_lora_scaling_factors=(2.0,),
-    ))
+    )
+    rng = np.random.default_rng(0)
+    # the long prompt runs past the base model's own context
+    prompts = [rng.integers(3, 256, n).tolist() for n in (80, 12, 20, 9)]
+    loras = [LoRARequest("long", 1, str(long_adapter)), None, LoRARequest("long", 1, str(long_adapter)),
+             LoRARequest("short", 2, str(short_adapter))]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    driver = launch(config)
     try:
-        rng = np.random.default_rng(0)
-        # the long prompt runs past the base model's own context
-        prompts = [rng.integers(3, 256, n).tolist() for n in (80, 12, 20, 9)]
-        loras = [LoRARequest("long", 1, str(long_adapter)), None, LoRARequest("long", 1, str(long_adapter)),
-                 LoRARequest("short", 2, str(short_adapter))]
-        params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
         outputs = ray.get(driver.generate.remote(prompts, params, loras))
     finally:
         ray.get(driver.shutdown.remote())
         ray.kill(driver)
+    threads = torch.get_num_threads()  # the in-process worker sets the process's thread count
+    try:
+        local = InProcessEngine(config).generate(prompts, [params] * len(prompts), loras)
+    finally:
+        torch.set_num_threads(threads)
+    # the in-process engine reads the long adapter with its scaled rope table, as the driver does
+    assert [out.token_ids for out in local] == [out.token_ids for out in outputs]
     long_model = scaled_reference(base, long_adapter, 2.0)
     base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     short_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), short_adapter).eval()

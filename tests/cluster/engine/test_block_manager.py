@@ -20,7 +20,7 @@ def make_scheduler(num_blocks: int = 16, budget: int = 64, caching: bool = True)
 
 
 def step(scheduler: Scheduler) -> ScheduledBatch:
-    """Schedule a step and mark it sent (its full blocks join the cache, as EngineCore.build_step does)."""
+    """Schedule a step and mark it sent (its full blocks join the cache, as EngineCore does when it builds a step)."""
     batch = scheduler.schedule()
     assert batch is not None
     for seq in batch.seqs:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
-from cluster.errors import InvalidRequestError
+from cluster.errors import InvalidRequestError, ModelNotFoundError
 from lora.request import LoRARequest
 
 
@@ -118,3 +118,31 @@ def test_refusals_before_any_load():
         assert loads.started == [] and registry.list() == []
 
     asyncio.run(scenario())
+
+
+def test_a_registry_without_enable_lora_lists_nothing_and_says_why():
+    """The one place that refuses adapters when LoRA is off."""
+    described = []
+    registry = LoRARegistry(lambda name, path: described.append(name) or AdapterInfo(), "base", enabled=False)
+    with pytest.raises(InvalidRequestError, match="start it with enable_lora") as info:
+        registry.add("pirate", "/adapters/pirate")
+    assert info.value.param == "lora_path"
+    with pytest.raises(InvalidRequestError, match="start it with enable_lora"):
+        registry.register(LoRARequest("pirate", 1, "/adapters/pirate"))
+    loads = Loads()
+    with pytest.raises(InvalidRequestError, match="start it with enable_lora"):
+        asyncio.run(registry.add_loaded("pirate", "/adapters/pirate", loads))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):  # as any adapter that is not loaded
+        registry.resolve_model("base:pirate")
+    assert registry.resolve_model("base") is None and registry.list() == [] and described == [] and not loads.started
+
+
+def test_adapters_get_their_own_ids_and_lose_them_on_removal():
+    registry = _registry()
+    first = registry.add("a", "/adapters/a")
+    assert registry.add("a", "/adapters/a") is first  # the same adapter again is no new one
+    second = registry.register(LoRARequest("b", 7, "/adapters/b"))
+    assert (first.lora_int_id, second.lora_int_id) == (1, 2) and registry.info("b").extra_tokens == 2
+    assert registry.remove("a") == first and registry.list() == [second]
+    with pytest.raises(ModelNotFoundError):
+        registry.remove("a")

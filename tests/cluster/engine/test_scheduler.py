@@ -84,8 +84,8 @@ def test_abort_frees_blocks_and_removes():
     seq = make_seq(0, 6)
     scheduler.add(seq)
     scheduler.schedule()
-    assert scheduler.abort("r0") == [seq]
-    assert seq.finish_reason == "abort" and scheduler.block_manager.num_free_blocks == 16
+    scheduler.finish(seq, "abort")
+    assert seq.finish_reason == "abort" and seq not in scheduler.running and scheduler.block_manager.num_free_blocks == 16
     assert scheduler.schedule() is None
 
 

@@ -7,7 +7,7 @@ import pytest
 from cluster.bench.synthetic import write_word_tokenizer
 from cluster.cli import main
 from cluster.config import EngineConfig
-from cluster.engine.offline import OfflineEngine
+from cluster.engine.in_process import InProcessEngine
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer_loading import TokenizerMissingError, load_tokenizer
 from cluster.errors import InvalidRequestError
@@ -52,8 +52,8 @@ def test_raylora_serve_without_a_tokenizer_exits_2_before_starting_anything(bare
 def test_the_engine_without_a_tokenizer_returns_the_same_token_ids_and_no_text(bare_model, tokenizer_dir):
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompts = [[5, 6, 7], [9, 8, 7, 6]]
-    with_tokenizer = OfflineEngine(EngineConfig(model=str(bare_model), tokenizer=str(tokenizer_dir), **ENGINE))
-    without = OfflineEngine(EngineConfig(model=str(bare_model), skip_tokenizer_init=True, **ENGINE))
+    with_tokenizer = InProcessEngine(EngineConfig(model=str(bare_model), tokenizer=str(tokenizer_dir), **ENGINE))
+    without = InProcessEngine(EngineConfig(model=str(bare_model), skip_tokenizer_init=True, **ENGINE))
     expected = with_tokenizer.generate(prompts, [greedy] * 2)
     outputs = without.generate(prompts, [greedy] * 2)
     assert [output.token_ids for output in outputs] == [output.token_ids for output in expected]

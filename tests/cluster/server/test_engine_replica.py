@@ -35,9 +35,9 @@ def test_new_replica_copies_runtime_adapters_and_owns_its_workers(server, tiny_m
     serve.run(build_app(args), name="peers", route_prefix="/peers")
     try:
         handle = serve.get_deployment_handle("LoRAEngine", app_name="peers")
-        handle.add_adapter.remote("beta", str(tiny_model.adapters["beta"])).result(timeout_s=60)
+        handle.add_lora.remote("beta", str(tiny_model.adapters["beta"])).result(timeout_s=60)
         serve.run(build_app(args | {"num_replicas": 2}), name="peers", route_prefix="/peers")
-        served = handle.broadcast("list_adapters").results(timeout_s=60)
+        served = handle.broadcast("list_loras").results(timeout_s=60)
         assert len(served) == 2
         assert all({"alpha", "beta"} <= {lora.lora_name for lora in loras} for loras in served)
         workers = [w for handles in handle.broadcast("worker_handles").results(timeout_s=60) for w in handles]

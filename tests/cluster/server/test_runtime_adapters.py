@@ -17,7 +17,7 @@ def listed(server) -> dict[str, dict]:
 def replica_adapters() -> list[set[str]]:
     """The adapter names each engine replica serves."""
     handle = serve.get_deployment_handle("LoRAEngine", app_name=APP_NAME)
-    return [{lora.lora_name for lora in loras} for loras in handle.broadcast("list_adapters").results(timeout_s=30)]
+    return [{lora.lora_name for lora in loras} for loras in handle.broadcast("list_loras").results(timeout_s=30)]
 
 
 def test_load_serve_unload(server, tiny_model):

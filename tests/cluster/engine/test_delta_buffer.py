@@ -15,7 +15,7 @@ from cluster.errors import EngineDeadError
 def delta(tokens: list[int], finish: str | None = None, logprobs: bool = True) -> StreamDelta:
     entries = [TokenLogprob(token, -token / 10, {token: -token / 10, 3: -9.0}) for token in tokens]
     return StreamDelta("r", "".join(f" w{token}" for token in tokens), list(tokens), finish,
-                       entries if logprobs else None, num_prompt_tokens=5)
+                       entries if logprobs else None)
 
 
 def test_merged_keeps_text_tokens_logprobs_and_finish_reason():
@@ -23,7 +23,7 @@ def test_merged_keeps_text_tokens_logprobs_and_finish_reason():
     merged = StreamDelta.merged(parts)
     assert merged.text == " w7 w8 w9" and merged.token_ids == [7, 8, 9]
     assert merged.logprobs == [entry for part in parts for entry in part.logprobs]
-    assert merged.finish_reason == "length" and merged.num_prompt_tokens == 5 and merged.request_id == "r"
+    assert merged.finish_reason == "length" and merged.request_id == "r"
     assert StreamDelta.merged([delta([1], logprobs=False), delta([2], logprobs=False)]).logprobs is None
 
 
