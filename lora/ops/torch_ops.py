@@ -38,13 +38,8 @@ def expand(
 class TorchBackend(LoRABackend):
     """Row-major slot buffers; batched or grouped matmuls, bounded by `max_loras` per layer."""
 
-    def _shrink(self, x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAStepMetadata, buffer: torch.Tensor) -> None:
-        shrink(x, lora_a, meta, buffer)
-
-    def _expand(
-        self, buffer: torch.Tensor, lora_b: torch.Tensor, meta: LoRAStepMetadata, out: torch.Tensor, offset: int
-    ) -> None:
-        expand(buffer, lora_b, meta, out, offset)
+    _shrink = staticmethod(shrink)
+    _expand = staticmethod(expand)
 
     def _add_stacked(
         self, out: torch.Tensor, x: torch.Tensor, stacked_a: torch.Tensor, lora_b: list[torch.Tensor],

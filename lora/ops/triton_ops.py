@@ -211,10 +211,5 @@ class TritonBackend(LoRABackend):
     """Row-major slot buffers (`LoRABackend.slot_weights`); a packed layer shrinks each slice
     into a float32 buffer and expands it, each a kernel launch per slice."""
 
-    def _shrink(self, x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAStepMetadata, buffer: torch.Tensor) -> None:
-        shrink(x, lora_a, meta, buffer)
-
-    def _expand(
-        self, buffer: torch.Tensor, lora_b: torch.Tensor, meta: LoRAStepMetadata, out: torch.Tensor, offset: int
-    ) -> None:
-        expand(buffer, lora_b, meta, out, offset)
+    _shrink = staticmethod(shrink)
+    _expand = staticmethod(expand)
