@@ -19,6 +19,7 @@ from lora.request import LoRARequest
 from workers.distributed import init_tensor_parallel
 from workers.model_runner import ModelRunner
 from workers.step import StepInput, StepOutput
+from workers.step_channel import ChannelAddress, ChannelListener
 
 
 def _threads_for(config: EngineConfig) -> int:
@@ -48,6 +49,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.store: dist.Store | None = None
         self.loading: dict[int, Future] = {}  # adapter reads whose end the driver waits for
+        self.channel: ChannelListener | None = None
         self.threads = _threads_for(config)
         torch.set_num_threads(self.threads)
         if config.device != "cuda":
@@ -114,6 +116,22 @@ class Worker:
 
     def ping(self) -> int:
         return self.rank
+
+    def open_step_channel(self, key: bytes, driver_node_id: str | None) -> ChannelAddress:
+        """Listen for the driver's step channel (a Unix socket when it runs on this node)."""
+        same_node = driver_node_id is not None and driver_node_id == self.node_id()
+        self.channel = ChannelListener(key, same_node, ray.util.get_node_ip_address())
+        return self.channel.address
+
+    def serve_step_channel(self) -> None:
+        """Serve the driver's calls from the channel on this thread until the driver hangs up; from
+        then on the driver reaches this worker only through the channel."""
+        assert self.channel is not None, "open_step_channel first"
+        channel, self.channel = self.channel, None
+        channel.serve({
+            "execute_step": self.execute_step, "load_lora": self.load_lora, "lora_loaded": self.lora_loaded,
+            "remove_lora": self.remove_lora, "lora_cache_stats": self.lora_cache_stats, "ping": self.ping,
+        })
 
     @staticmethod
     def node_id() -> str:

@@ -376,6 +376,10 @@ class Driver:
         """The worker actors (for fault-injection tests and debugging)."""
         return list(self.workers.workers)
 
+    async def worker_nodes(self) -> list[str]:
+        """The Ray node of each rank, in rank order."""
+        return list(self.workers.worker_nodes)
+
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig
+from cluster.engine.step_channel_client import StepChannelClient
 from cluster.engine.worker_placement import placement_group_name, remove_orphaned_groups
 from cluster.errors import as_raylora_error
 from lora.request import LoRARequest
 from workers.step import StepInput, StepOutput
+from workers.step_channel import encode_call
 from workers.worker import WorkerActor
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -31,9 +34,21 @@ async def _first(results: asyncio.Future) -> StepOutput:
     return (await results)[0]
 
 
+def _quietly(futures: list[asyncio.Future]) -> list[asyncio.Future]:
+    """Futures nobody may await: their errors are retrieved so asyncio does not log them as lost
+    (a dead worker is noticed by the steps and pings)."""
+    for future in futures:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return futures
+
+
 class WorkerGroup:
     """N = tensor_parallel_size `WorkerActor`s, one per bundle of a placement group: the driver's
-    `StepExecutor`, whose step outputs are futures."""
+    `StepExecutor`, whose step outputs are futures.
+
+    Once started, each rank is driven through its step channel (`workers.step_channel`), not Ray
+    actor calls: its main thread serves the channel, and calls run in the order sent.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -45,6 +60,9 @@ class WorkerGroup:
             name=placement_group_name(),
         )
         self.workers: list = []
+        self.worker_nodes: list[str] = []
+        self.channels: list[StepChannelClient] = []
+        self._serving: list[ray.ObjectRef] = []  # each rank's channel loop; ends when the rank dies
 
     async def start(self) -> int:
         """Place the actors, form the group, load the shards; return the KV blocks every rank can hold."""
@@ -69,52 +87,66 @@ class WorkerGroup:
         capacities = await asyncio.gather(*(w.init_model.remote(rendezvous) for w in self.workers))
         num_blocks = min(capacities)
         await asyncio.gather(*(w.init_cache.remote(num_blocks) for w in self.workers))
+        self.worker_nodes = await asyncio.gather(*(w.node_id.remote() for w in self.workers))
+        await self._open_channels()
         return num_blocks
+
+    async def _open_channels(self) -> None:
+        """Each rank listens, starts serving its channel, and the driver connects with a fresh key."""
+        key = secrets.token_bytes(32)
+        here = ray.get_runtime_context().get_node_id()
+        addresses = await asyncio.gather(*(w.open_step_channel.remote(key, here) for w in self.workers))
+        self._serving = [w.serve_step_channel.remote() for w in self.workers]
+        self.channels = list(await asyncio.gather(*(
+            StepChannelClient.connect(address, key, f"worker rank {rank}") for rank, address in enumerate(addresses)
+        )))
 
     def submit(self, step: StepInput) -> asyncio.Future:
         """Send the step to every rank now (each runs its calls in the order sent, so a step sent
         before the previous one returned runs after it); the future is rank 0's answer."""
-        if len(self.workers) == 1:
-            return asyncio.ensure_future(self.workers[0].execute_step.remote(step))
-        step_ref = ray.put(step)
-        results = asyncio.gather(*(w.execute_step.remote(step_ref) for w in self.workers))
+        if len(self.channels) == 1:
+            return self.channels[0].call("execute_step", step)
+        encoded = encode_call("execute_step", (step,))
+        results = asyncio.gather(*(channel.send(encoded) for channel in self.channels))
         return asyncio.ensure_future(_first(results))
 
     async def load_lora(self, lora: LoRARequest) -> None:
         """Every rank reads and checks the adapter beside the steps; returns when all have it. A rank's
         refusal (its values are bad) is raised once every rank is done, after all dropped it."""
         lora_id = lora.lora_int_id
-        await asyncio.gather(*(w.load_lora.remote(lora) for w in self.workers))
-        reading, failures, wait_s = list(self.workers), [], LOAD_POLL_S
+        await asyncio.gather(*(channel.call("load_lora", lora) for channel in self.channels))
+        reading, failures, wait_s = list(self.channels), [], LOAD_POLL_S
         while reading:
             await asyncio.sleep(wait_s)
             wait_s = min(2 * wait_s, MAX_LOAD_POLL_S)
-            done = await asyncio.gather(*(w.lora_loaded.remote(lora_id) for w in reading), return_exceptions=True)
+            done = await asyncio.gather(*(c.call("lora_loaded", lora_id) for c in reading), return_exceptions=True)
             failures += [result for result in done if isinstance(result, BaseException)]
-            reading = [w for w, result in zip(reading, done) if result is False]
+            reading = [c for c, result in zip(reading, done) if result is False]
         if failures:
-            await asyncio.gather(*(w.remove_lora.remote(lora_id) for w in self.workers), return_exceptions=True)
+            await asyncio.gather(*self.remove_lora(lora_id), return_exceptions=True)
             error = as_raylora_error(failures[0])
             raise (error or failures[0]) from None
 
     def load_lora_nowait(self, lora: LoRARequest) -> list:
         """Every rank starts reading the adapter into its CPU cache, not waited for (a rebuilt group
-        reading back what the registry lists); returns the refs."""
-        return [w.load_lora.remote(lora) for w in self.workers]
+        reading back what the registry lists); returns the futures."""
+        return _quietly([channel.call("load_lora", lora) for channel in self.channels])
 
     def remove_lora(self, lora_id: int) -> list:
-        """Every rank drops the adapter from its CPU cache, in order with the steps sent; returns the refs."""
-        return [w.remove_lora.remote(lora_id) for w in self.workers]
+        """Every rank drops the adapter from its CPU cache, in order with the steps sent; returns the futures."""
+        return _quietly([channel.call("remove_lora", lora_id) for channel in self.channels])
 
     async def lora_cache_stats(self) -> dict[str, int]:
-        return await self.workers[0].lora_cache_stats.remote()
+        return await self.channels[0].call("lora_cache_stats")
 
     async def ping(self) -> None:
-        await asyncio.gather(*(w.ping.remote() for w in self.workers))
+        await asyncio.gather(*(channel.call("ping") for channel in self.channels))
 
     def shutdown(self) -> None:
         """Kill the actors and free their bundles; safe on a group that is half dead."""
+        for channel in self.channels:
+            channel.close()
         for worker in self.workers:
             ray.kill(worker)
-        self.workers = []
+        self.channels, self.workers, self._serving = [], [], []
         remove_placement_group(self.placement_group)

@@ -24,7 +24,7 @@ def main(model_dir: str) -> None:
             cpu_kv_cache_bytes=2 << 20, tensor_parallel_size=2, placement_strategy="SPREAD",
             torch_threads_per_worker=1,
         ))
-        nodes = ray.get([w.node_id.remote() for w in ray.get(driver.worker_handles.remote())])
+        nodes = ray.get(driver.worker_nodes.remote())
         prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [40, 41]]
         outputs = ray.get(driver.generate.remote(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)))
         print(json.dumps({"nodes": nodes, "tokens": [o.token_ids for o in outputs], "prompts": prompts}))

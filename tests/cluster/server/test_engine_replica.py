@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ray
 from ray import serve
 
 from cluster.engine.outputs import StreamDelta
@@ -42,7 +41,7 @@ def test_new_replica_copies_runtime_adapters_and_owns_its_workers(server, tiny_m
         assert all({"alpha", "beta"} <= {lora.lora_name for lora in loras} for loras in served)
         workers = [w for handles in handle.broadcast("worker_handles").results(timeout_s=60) for w in handles]
         assert len({w._actor_id for w in workers}) == 2
-        ray.get([w.ping.remote() for w in workers], timeout=60)
+        assert all(stats["num_restarts"] == 0 for stats in handle.broadcast("stats").results(timeout_s=60))
         handle.broadcast("check_health").results(timeout_s=60)
     finally:
         serve.delete("peers")
