@@ -36,6 +36,7 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `raylora serve` starts its Ray (cluster/server/local_ray.py)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests")
     yield

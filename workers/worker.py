@@ -6,7 +6,6 @@ is the same class as a Ray actor, one per GPU or CPU process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from concurrent.futures import Future
 
@@ -18,6 +17,7 @@ from cluster.config import EngineConfig
 from lora.request import LoRARequest
 from workers.distributed import init_tensor_parallel
 from workers.model_runner import ModelRunner
+from workers.priority import take_normal_priority
 from workers.step import StepInput, StepOutput
 from workers.step_channel import ChannelAddress, ChannelListener
 
@@ -27,14 +27,6 @@ def _threads_for(config: EngineConfig) -> int:
     if config.torch_threads_per_worker:
         return config.torch_threads_per_worker
     return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
-
-
-def _raise_priority() -> None:
-    """Ray starts workers at niceness 15; a CPU worker's OpenMP threads then stall at every barrier
-    whenever a normal-priority process wakes (measured: the same engine 20-30 % slower inside an
-    actor than in-process). Take normal priority back where the OS allows it."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
 class Worker:
@@ -52,8 +44,7 @@ class Worker:
         self.channel: ChannelListener | None = None
         self.threads = _threads_for(config)
         torch.set_num_threads(self.threads)
-        if config.device != "cuda":
-            _raise_priority()
+        take_normal_priority()  # Ray may have started this process at niceness 15
 
     def host_rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the group's key-value store on a port the OS picks, already bound, so no

@@ -18,7 +18,7 @@ from cluster.bench.serve_workload import ServeRequest
 from cluster.bench.stream_client import RequestTiming, StreamClient, completion_body
 from cluster.bench.synthetic import write_random_adapter
 from cluster.config import EngineConfig
-from cluster.server.ingress_mode import prepare_local_ray
+from cluster.server.local_ray import prepare_local_ray
 
 APP_NAME = "raylora-bench"
 

@@ -39,6 +39,7 @@ from cluster.errors import ModelNotFoundError, RayLoRAError, as_raylora_error
 from cluster.server.engine_client import EngineStart
 from cluster.server.memory_release import BurstTrimmer
 from lora.request import LoRARequest
+from workers.priority import take_normal_priority
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class EngineReplica:
     async def __init__(self, config: EngineConfig, catalog: DeploymentHandle | None = None) -> None:
         from cluster.engine.driver import Driver  # torch and the model stack load only in engine replicas
 
+        take_normal_priority()  # on a Ray started without RAY_worker_niceness=0, where the OS allows it
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name

@@ -17,6 +17,7 @@ from cluster.server.engine_replicas import EngineReplicas
 from cluster.server.local_engine_client import LocalEngineClient
 from cluster.server.memory_release import BurstTrimmer, TrimAfterBursts
 from cluster.server.openai_server import OpenAIServer
+from workers.priority import take_normal_priority
 
 INGRESS_MAX_ONGOING_REQUESTS = 1024
 
@@ -28,6 +29,7 @@ class OpenAIIngress(OpenAIServer):
     """The HTTP server in front of several engine replicas (Serve routes each request by its adapter)."""
 
     def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
+        take_normal_priority()  # as the engine replica: on the token path
         super().__init__(EngineReplicas(engine), config, api_key)
         self.memory = BurstTrimmer()  # freed heap back to the OS once a burst has drained
 

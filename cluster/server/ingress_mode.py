@@ -63,7 +63,3 @@ def ray_environment(mode: IngressMode) -> dict[str, str]:
         environment[variable] = os.environ.get(variable) or str(_free_port())
     return environment
 
-
-def prepare_local_ray(mode: IngressMode) -> None:
-    """Export `mode`'s variables before this process starts Ray: its processes inherit them."""
-    os.environ.update(ray_environment(mode))

@@ -27,7 +27,7 @@ from cluster.engine.tokenizer_loading import load_tokenizer
 from cluster.server.app import AppArgs, build_app
 from cluster.server.bearer_auth import resolve_api_key
 from cluster.server.engine_deployment import ENGINE_DEPLOYMENT_NAME
-from cluster.server.ingress_mode import prepare_local_ray
+from cluster.server.local_ray import prepare_local_ray
 from cluster.server.options import ServerOptions
 
 logger = logging.getLogger(__name__)

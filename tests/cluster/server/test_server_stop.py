@@ -64,6 +64,17 @@ class RunningServer:
                 continue
         raise AssertionError(f"no {ENGINE_REPLICA} process among {self.descendants}")
 
+    def processes_named(self, *needles: str) -> dict[str, list[psutil.Process]]:
+        """The processes started so far whose command line holds each needle (Ray's process titles)."""
+        found: dict[str, list[psutil.Process]] = {needle: [] for needle in needles}
+        for child in self.note_descendants():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                command = " ".join(child.cmdline())
+                for needle in needles:
+                    if needle in command:
+                        found[needle].append(child)
+        return found
+
     def stop(self, signum: int) -> float:
         """Send the signal; return the seconds until the process and everything it started were gone."""
         self.note_descendants()
@@ -113,6 +124,10 @@ def test_sigterm_while_the_engine_restarts_stops_within_seconds(running_server):
     url = f"http://127.0.0.1:{running_server.port}/v1/completions"
     body = {"model": "stop-tiny", "prompt": "w5 w6", "max_tokens": 3}
     assert requests.post(url, json=body, timeout=60).status_code == 200
+    # every process a request passes through runs at normal priority, not Ray's niceness 15
+    on_the_path = running_server.processes_named("ray::ProxyActor", ENGINE_REPLICA, "ray::Worker")
+    assert all(on_the_path.values()), on_the_path
+    assert {p.nice() for processes in on_the_path.values() for p in processes} == {0}
     running_server.engine_replica().kill()  # Serve starts a new replica, whose engine places its workers
     time.sleep(1.0)
     took = running_server.stop(signal.SIGTERM)
