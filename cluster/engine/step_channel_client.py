@@ -77,11 +77,12 @@ class StepChannelClient:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
-            self._fail_waiting(exc)
         except asyncio.CancelledError:
             self._fail_waiting(ChannelClosed("closed by the driver"))
             raise
+        except Exception as exc:  # gone, or an answer that does not read: no call may wait forever
+            self._fail_waiting(exc)
+            self._writer.close()
 
     def _fail_waiting(self, cause: BaseException) -> None:
         self._closed = cause

@@ -128,3 +128,33 @@ def test_a_client_that_skips_the_handshake_gets_nothing_unpickled() -> None:
     assert recorder.calls == []
     assert pickle.loads(call[8:]) == ("echo", ("pwned",))  # it was a valid call, refused unread
     assert proof(KEY, b"driver", nonce) != call[:32]
+
+
+def _refuse_to_load() -> None:
+    raise RuntimeError("this answer does not unpickle here")
+
+
+class UnreadableAnswer:
+    """Pickles on the worker, fails to unpickle on the driver (as a class the driver lacks would)."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def test_an_answer_that_does_not_read_fails_every_waiting_call_instead_of_hanging() -> None:
+    listener = ChannelListener(KEY, True, "127.0.0.1")
+    methods = {"odd": UnreadableAnswer, "echo": lambda value: value}
+    thread = threading.Thread(target=listener.serve, args=(methods,), daemon=True)
+    thread.start()
+
+    async def drive() -> None:
+        client = await StepChannelClient.connect(listener.address, KEY, "rank 0")
+        odd, after = client.call("odd"), client.call("echo", 1)
+        for waiting in (odd, after):
+            with pytest.raises(ChannelClosed):
+                await asyncio.wait_for(waiting, 10)
+        client.close()
+
+    asyncio.run(drive())
+    thread.join(10)
+    assert not thread.is_alive()
