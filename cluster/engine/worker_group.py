@@ -62,7 +62,6 @@ class WorkerGroup:
         self.workers: list = []
         self.worker_nodes: list[str] = []
         self.channels: list[StepChannelClient] = []
-        self._serving: list[ray.ObjectRef] = []  # each rank's channel loop; ends when the rank dies
 
     async def start(self) -> int:
         """Place the actors, form the group, load the shards; return the KV blocks every rank can hold."""
@@ -96,7 +95,8 @@ class WorkerGroup:
         key = secrets.token_bytes(32)
         here = ray.get_runtime_context().get_node_id()
         addresses = await asyncio.gather(*(w.open_step_channel.remote(key, here) for w in self.workers))
-        self._serving = [w.serve_step_channel.remote() for w in self.workers]
+        for worker in self.workers:
+            worker.serve_step_channel.remote()  # runs until the channel closes; a death shows on the channel
         self.channels = list(await asyncio.gather(*(
             StepChannelClient.connect(address, key, f"worker rank {rank}") for rank, address in enumerate(addresses)
         )))
@@ -148,5 +148,5 @@ class WorkerGroup:
             channel.close()
         for worker in self.workers:
             ray.kill(worker)
-        self.channels, self.workers, self._serving = [], [], []
+        self.channels, self.workers = [], []
         remove_placement_group(self.placement_group)
