@@ -29,6 +29,7 @@ from typing import Any
 
 FRAME_HEADER = struct.Struct("<Q")  # the frame's length in bytes
 NONCE_BYTES = 32
+PROOF_BYTES = hashlib.sha256().digest_size
 ACCEPT_TIMEOUT_S = 120.0  # the driver connects right after the worker listens
 
 
@@ -113,8 +114,8 @@ class ChannelListener:
     def _handshake(connection: socket.socket, key: bytes) -> bool:
         worker_nonce = secrets.token_bytes(NONCE_BYTES)
         connection.sendall(worker_nonce)
-        answer = _read_exactly(connection, hashlib.sha256().digest_size + NONCE_BYTES)
-        driver_proof, driver_nonce = answer[: -NONCE_BYTES], answer[-NONCE_BYTES:]
+        answer = _read_exactly(connection, PROOF_BYTES + NONCE_BYTES)
+        driver_proof, driver_nonce = answer[:PROOF_BYTES], answer[PROOF_BYTES:]
         if not hmac.compare_digest(driver_proof, proof(key, b"driver", worker_nonce)):
             return False
         connection.sendall(proof(key, b"worker", driver_nonce))

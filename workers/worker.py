@@ -108,9 +108,8 @@ class Worker:
     def ping(self) -> int:
         return self.rank
 
-    def open_step_channel(self, key: bytes, driver_node_id: str | None) -> ChannelAddress:
+    def open_step_channel(self, key: bytes, same_node: bool) -> ChannelAddress:
         """Listen for the driver's step channel (a Unix socket when it runs on this node)."""
-        same_node = driver_node_id is not None and driver_node_id == self.node_id()
         self.channel = ChannelListener(key, same_node, ray.util.get_node_ip_address())
         return self.channel.address
 

@@ -12,7 +12,15 @@ import socket
 from collections import deque
 from typing import Any
 
-from workers.step_channel import FRAME_HEADER, NONCE_BYTES, ChannelAddress, ChannelClosed, encode_call, proof
+from workers.step_channel import (
+    FRAME_HEADER,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    ChannelAddress,
+    ChannelClosed,
+    encode_call,
+    proof,
+)
 
 CONNECT_TIMEOUT_S = 30.0
 
@@ -42,7 +50,7 @@ class StepChannelClient:
             worker_nonce = await asyncio.wait_for(reader.readexactly(NONCE_BYTES), CONNECT_TIMEOUT_S)
             driver_nonce = secrets.token_bytes(NONCE_BYTES)
             writer.write(proof(key, b"driver", worker_nonce) + driver_nonce)
-            answer = await asyncio.wait_for(reader.readexactly(len(proof(b"", b"", b""))), CONNECT_TIMEOUT_S)
+            answer = await asyncio.wait_for(reader.readexactly(PROOF_BYTES), CONNECT_TIMEOUT_S)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             writer.close()
             raise ConnectionError(f"{name} refused the step channel's handshake") from exc

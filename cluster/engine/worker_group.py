@@ -94,7 +94,9 @@ class WorkerGroup:
         """Each rank listens, starts serving its channel, and the driver connects with a fresh key."""
         key = secrets.token_bytes(32)
         here = ray.get_runtime_context().get_node_id()
-        addresses = await asyncio.gather(*(w.open_step_channel.remote(key, here) for w in self.workers))
+        addresses = await asyncio.gather(*(
+            w.open_step_channel.remote(key, node == here) for w, node in zip(self.workers, self.worker_nodes)
+        ))
         for worker in self.workers:
             worker.serve_step_channel.remote()  # runs until the channel closes; a death shows on the channel
         self.channels = list(await asyncio.gather(*(
