@@ -3,8 +3,8 @@
     python scripts/overload_burst.py --url http://127.0.0.1:8000 --requests 2000
 
 RSS of this machine's processes whose command line names a Serve replica of the engine
-(`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`) or Serve's HTTP proxy (`ray::ProxyActor`),
-read before the burst, right after it and after a pause: a burst must leave nothing behind (issue 12,
+(`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`), Serve's HTTP proxy (`ray::ProxyActor`)
+or a model worker (`ray::Worker...`), read before the burst, right after it and after a pause: a burst must leave nothing behind (issue 12,
 item 3). `--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
 from a leak (growing every round); `--json` prints the figures as one JSON object too.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiohttp
 
-PROCESS_TITLES = ("LoRAEngine", "OpenAIIngress", "ProxyActor")
+PROCESS_TITLES = ("LoRAEngine", "OpenAIIngress", "ProxyActor", "ray::Worker")
 
 
 def replica_rss_mib() -> dict[str, float]:
@@ -37,7 +37,7 @@ def replica_rss_mib() -> dict[str, float]:
                            if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
-        sizes[title.split()[0]] = rss_kib / 1024
+        sizes[f"{title.split()[0]} (pid {proc.name})"] = rss_kib / 1024
     return sizes
 
 

@@ -35,10 +35,13 @@ def ray_session():
     every fixture that needs Ray (Serve apps included), whatever order the folders run in."""
     import ray
 
+    from cluster.server.local_ray import LOCAL_RAY_RUNTIME_ENV
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")  # as `raylora serve` starts its Ray (cluster/server/local_ray.py)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests",
+                 runtime_env=LOCAL_RAY_RUNTIME_ENV)
     yield
     ray.shutdown()
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from cluster.config import EngineConfig
 from lora.request import LoRARequest
 from workers.distributed import init_tensor_parallel
+from workers.memory_release import start_idle_trimmer
 from workers.model_runner import ModelRunner
 from workers.priority import take_normal_priority
 from workers.step import StepInput, StepOutput
@@ -45,6 +46,7 @@ class Worker:
         self.threads = _threads_for(config)
         torch.set_num_threads(self.threads)
         take_normal_priority()  # Ray may have started this process at niceness 15
+        start_idle_trimmer()  # freed heap (adapter reads, load bursts) back to the OS once quiet
 
     def host_rendezvous(self) -> tuple[str, int]:
         """Rank 0: open the group's key-value store on a port the OS picks, already bound, so no

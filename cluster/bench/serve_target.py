@@ -18,7 +18,7 @@ from cluster.bench.serve_workload import ServeRequest
 from cluster.bench.stream_client import RequestTiming, StreamClient, completion_body
 from cluster.bench.synthetic import write_random_adapter
 from cluster.config import EngineConfig
-from cluster.server.local_ray import prepare_local_ray
+from cluster.server.local_ray import LOCAL_RAY_RUNTIME_ENV, prepare_local_ray
 
 APP_NAME = "raylora-bench"
 
@@ -70,7 +70,8 @@ def start_local_server(args: argparse.Namespace, config: EngineConfig) -> str:
     from cluster.server.app import AppArgs, build_app
 
     prepare_local_ray(args.ingress)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env=LOCAL_RAY_RUNTIME_ENV)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     app_args = AppArgs(engine=config.to_yaml_dict(), separate_ingress=args.separate_ingress)
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")

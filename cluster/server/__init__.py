@@ -11,5 +11,5 @@ Where things are, from the outside in:
   error_responses.py (any failure, in OpenAI's format), runtime_lora_updates.py, metrics.py.
 - engine_client.py: how the server reaches engines, over Serve (engine_replicas.py) or in process
   (local_engine_client.py); gateway.py: the same engines for `ray.get` users (`cluster.connect`).
-- memory_release.py: heap back to the OS after a burst.
+- local_ray.py: the environment and runtime environment of a Ray that raylora starts itself.
 """

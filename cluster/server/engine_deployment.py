@@ -37,8 +37,8 @@ from cluster.engine.outputs import StreamDelta
 from cluster.engine.sampling_params import SamplingParams
 from cluster.errors import ModelNotFoundError, RayLoRAError, as_raylora_error
 from cluster.server.engine_client import EngineStart
-from cluster.server.memory_release import BurstTrimmer
 from lora.request import LoRARequest
+from workers.memory_release import start_idle_trimmer
 from workers.priority import take_normal_priority
 
 logger = logging.getLogger(__name__)
@@ -75,13 +75,13 @@ class EngineReplica:
         from cluster.engine.driver import Driver  # torch and the model stack load only in engine replicas
 
         take_normal_priority()  # on a Ray started without RAY_worker_niceness=0, where the OS allows it
+        start_idle_trimmer()  # freed heap back to the OS once a burst is over
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
         self.deployment_name = context.deployment
         self.config = config
         self.catalog = catalog
-        self.memory = BurstTrimmer()  # freed heap back to the OS once a burst has drained
         self.driver = Driver(config)
         await self.driver.start()  # its step loop is a task on this event loop from here on
         await self._load_recorded_adapters()
@@ -159,26 +159,25 @@ class EngineReplica:
         A refused request (bad input, unknown adapter, full queue) yields its error instead of raising:
         it is an answer for the client, not a failed call that Serve would log with a traceback.
         """
-        with self.memory.request():  # in flight until the stream ends; no extra generator per item
-            request_id = uuid.uuid4().hex
-            try:
-                self.driver.submit(prompt_token_ids, params, adapter, request_id)
-            except RayLoRAError as exc:
-                yield as_raylora_error(exc)
-                return
-            interval_s = self.config.stream_interval_ms / 1000 if stream else math.inf
-            deltas = self.driver.deltas(request_id, interval_s)
-            try:
-                if adapter:
-                    await self._note_adapter(adapter)  # accepted, so this replica serves the adapter
-                first = await anext(deltas) if stream else None
-                yield EngineStart(self.replica_id, request_id, first)
-                if first is None or not first.finished:
-                    async for delta in deltas:
-                        yield delta
-            finally:  # the caller went away, or the engine failed: free the request now
-                await deltas.aclose()
-                self.driver.release(request_id)
+        request_id = uuid.uuid4().hex
+        try:
+            self.driver.submit(prompt_token_ids, params, adapter, request_id)
+        except RayLoRAError as exc:
+            yield as_raylora_error(exc)
+            return
+        interval_s = self.config.stream_interval_ms / 1000 if stream else math.inf
+        deltas = self.driver.deltas(request_id, interval_s)
+        try:
+            if adapter:
+                await self._note_adapter(adapter)  # accepted, so this replica serves the adapter
+            first = await anext(deltas) if stream else None
+            yield EngineStart(self.replica_id, request_id, first)
+            if first is None or not first.finished:
+                async for delta in deltas:
+                    yield delta
+        finally:  # the caller went away, or the engine failed: free the request now
+            await deltas.aclose()
+            self.driver.release(request_id)
 
     async def list_loras(self) -> list[LoRARequest]:
         return await self.driver.list_loras()

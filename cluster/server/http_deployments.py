@@ -2,7 +2,6 @@
 replica that serves HTTP itself. app.py picks one; both run `OpenAIServer`'s endpoints.
 """
 
-from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -15,8 +14,8 @@ from cluster.server.engine_deployment import (
 )
 from cluster.server.engine_replicas import EngineReplicas
 from cluster.server.local_engine_client import LocalEngineClient
-from cluster.server.memory_release import BurstTrimmer, TrimAfterBursts
 from cluster.server.openai_server import OpenAIServer
+from workers.memory_release import start_idle_trimmer
 from workers.priority import take_normal_priority
 
 INGRESS_MAX_ONGOING_REQUESTS = 1024
@@ -30,15 +29,8 @@ class OpenAIIngress(OpenAIServer):
 
     def __init__(self, engine: DeploymentHandle, config: EngineConfig, api_key: str | None = None) -> None:
         take_normal_priority()  # as the engine replica: on the token path
+        start_idle_trimmer()
         super().__init__(EngineReplicas(engine), config, api_key)
-        self.memory = BurstTrimmer()  # freed heap back to the OS once a burst has drained
-
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        """The endpoints, each HTTP request counted in flight for the trim (in one replica with the engine,
-        EngineReplica counts the same requests' engine streams instead)."""
-        api = super().__serve_build_asgi_app__()
-        api.add_middleware(TrimAfterBursts, trimmer=self.memory)
-        return api
 
 
 # Deployed under the engine deployment's name (ENGINE_DEPLOYMENT_NAME, "LoRAEngine"), not the class's.

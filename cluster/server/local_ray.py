@@ -2,6 +2,10 @@
 `raylora bench serve`): Ray's processes read it when they start, so it is exported before
 `ray.init`. On a cluster started with `ray start`, the same variables belong on those commands
 (configs/cluster*.yaml, docs/deploy.md).
+
+The job's runtime environment runs the memory trimmer (workers/memory_release.py) in every worker
+process the job starts, Serve's proxy and controller included, which run none of raylora's code
+otherwise. raylora's own actors start it themselves, on any Ray.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import os
 
 from cluster.server.ingress_mode import IngressMode, ray_environment
+from workers.memory_release import SETUP_HOOK
 
 # Ray's niceness for its worker processes (default 15). 0 puts Serve's proxy, the replicas and the
 # model's workers at the priority of everything else on the host (workers/priority.py says why).
@@ -24,3 +29,7 @@ def local_ray_environment(mode: IngressMode) -> dict[str, str]:
 def prepare_local_ray(mode: IngressMode) -> None:
     """Export the variables before this process starts Ray: its processes inherit them."""
     os.environ.update(local_ray_environment(mode))
+
+
+# `ray.init(runtime_env=...)` of a Ray raylora starts: each worker process runs the hook when it starts.
+LOCAL_RAY_RUNTIME_ENV = {"worker_process_setup_hook": SETUP_HOOK}

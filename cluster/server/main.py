@@ -27,7 +27,7 @@ from cluster.engine.tokenizer_loading import load_tokenizer
 from cluster.server.app import AppArgs, build_app
 from cluster.server.bearer_auth import resolve_api_key
 from cluster.server.engine_deployment import ENGINE_DEPLOYMENT_NAME
-from cluster.server.local_ray import prepare_local_ray
+from cluster.server.local_ray import LOCAL_RAY_RUNTIME_ENV, prepare_local_ray
 from cluster.server.options import ServerOptions
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ def run_server(config: EngineConfig, options: ServerOptions) -> None:
             # "local" starts an embedded Ray even when RAY_ADDRESS points elsewhere; --address joins a
             # cluster. A SIGTERM during ray.init meets Ray's handler (SystemExit): it unwinds through the
             # cleanup below.
-            ray.init(address=options.address or "local")
+            ray.init(address=options.address or "local",
+                     runtime_env=LOCAL_RAY_RUNTIME_ENV if options.address is None else None)
             signals.install()  # ray.init replaced the SIGTERM handler
         if not signals.requested.is_set():
             startup = Startup(config, options, api_key)
