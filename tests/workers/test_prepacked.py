@@ -10,7 +10,7 @@ from torch import nn
 from workers.cpu_extension import DISABLE_ENV
 from workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from workers.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from workers.layers.prepacked import can_prepack, linear, prepack, prepack_linears
+from workers.layers.prepacked import EXACT_ROWS, can_prepack, linear, padded_rows, prepack, prepack_linears
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.zeros(1, 1)), reason="oneDNN is not available on this build")
 
@@ -34,6 +34,16 @@ def test_packed_linear_matches_dense(dtype: torch.dtype, rows: int, shape: tuple
     torch.testing.assert_close(linear(x, packed, bias), F.linear(x, weight, bias), **tolerance)
     strided = torch.randn(rows, 2 * shape[1], generator=generator).to(dtype)[:, ::2]
     torch.testing.assert_close(linear(strided, packed), F.linear(strided, weight), **tolerance)
+
+
+def test_row_counts_meet_few_sizes_with_little_padding() -> None:
+    """oneDNN compiles and caches a kernel per row count: a step of any size up to 2,048 tokens meets one of
+    72, each at most 1/8 more rows than it has (small batches run as they are)."""
+    assert [padded_rows(rows) for rows in range(1, EXACT_ROWS + 1)] == list(range(1, EXACT_ROWS + 1))
+    assert len({padded_rows(rows) for rows in range(1, 2049)}) == 72
+    for rows in range(EXACT_ROWS + 1, 5000):
+        assert rows <= padded_rows(rows) < rows + rows / 8
+        assert padded_rows(padded_rows(rows)) == padded_rows(rows)
 
 
 def _filled(module: nn.Module, seed: int) -> nn.Module:

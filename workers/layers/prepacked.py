@@ -6,6 +6,14 @@ time of oneDNN's brgemm on a weight reordered once, up front, into its blocked l
 loading, each linear layer's weight is replaced by its reordered copy (the dense one is
 dropped, so memory does not double) and `linear` dispatches on the weight's layout. A tied LM
 head gets its own packed copy: the embedding keeps the dense rows it looks tokens up in.
+
+oneDNN builds, JIT-compiles and caches a kernel for every input row count it meets (ideep's and
+oneDNN's caches, 1,024 entries each). A server meets nearly every token count up to its budget,
+so a worker's RSS grew by 30-100 MiB with each overload burst of 1,024 requests (+280 MiB over
+five, in process) and every step of a new size paid a compile. So the rows are padded up to one
+of eight sizes per power of two (`padded_rows`): 72 sizes up to 2,048 tokens, under 1/8
+more rows (decode steps at small batch sizes are weight-bound: their extra rows are
+nearly free). With that the same five bursts grew it by 20 MiB, and ran 25 % faster.
 """
 
 from __future__ import annotations
@@ -20,11 +28,31 @@ from workers.cpu_extension import cpu_kernels_enabled
 BATCH_SIZE_HINT = 64
 
 
+# Row counts up to this run as they are; above, each power of two is cut into this many sizes.
+EXACT_ROWS = 16
+SIZES_PER_OCTAVE = 8
+
+
+def padded_rows(rows: int) -> int:
+    """The row count oneDNN sees for `rows` rows: `rows` itself up to EXACT_ROWS, then the next of
+    SIZES_PER_OCTAVE evenly spaced sizes in its power of two."""
+    if rows <= EXACT_ROWS:
+        return rows
+    octave_width = 1 << ((rows - 1).bit_length() - 1)  # rows lies in (octave_width, 2 * octave_width]
+    step = max(1, octave_width // SIZES_PER_OCTAVE)
+    return -(-rows // step) * step
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x·Wᵀ + b for a dense or a prepacked W."""
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    """x·Wᵀ + b for a dense or a prepacked W (x's rows padded to a cached size for oneDNN)."""
+    if not weight.is_mkldnn:
+        return F.linear(x, weight, bias)
+    rows = x.shape[0]
+    padding = padded_rows(rows) - rows if x.dim() == 2 else 0
+    if padding:
+        x = F.pad(x, (0, 0, 0, padding))
+    output = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return output[:rows] if padding else output
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
