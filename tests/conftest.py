@@ -35,10 +35,10 @@ def ray_session():
     every fixture that needs Ray (Serve apps included), whatever order the folders run in."""
     import ray
 
-    from cluster.server.local_ray import LOCAL_RAY_RUNTIME_ENV
+    from cluster.server.local_ray import LOCAL_RAY_RUNTIME_ENV, prepare_local_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as `raylora serve` starts its Ray (cluster/server/local_ray.py)
+    prepare_local_ray("serve-proxy")  # as `raylora serve` starts its Ray: normal priority, no prestarted workers
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace="raylora-tests",
                  runtime_env=LOCAL_RAY_RUNTIME_ENV)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 
 from cluster.server.ingress_mode import HAPROXY_SWITCH
-from cluster.server.local_ray import WORKER_NICENESS, local_ray_environment
+from cluster.server.local_ray import PRESTART_WORKERS, WORKER_NICENESS, local_ray_environment
 from workers.priority import take_normal_priority
 
 
-def test_workers_start_at_normal_priority_by_default(monkeypatch):
+def test_workers_start_at_normal_priority_and_on_demand_by_default(monkeypatch):
     monkeypatch.delenv(WORKER_NICENESS, raising=False)
-    assert local_ray_environment("serve-proxy") == {HAPROXY_SWITCH: "0", WORKER_NICENESS: "0"}
+    monkeypatch.delenv(PRESTART_WORKERS, raising=False)
+    assert local_ray_environment("serve-proxy") == {HAPROXY_SWITCH: "0", WORKER_NICENESS: "0", PRESTART_WORKERS: "0"}
 
 
 def test_an_operators_niceness_is_kept(monkeypatch):
