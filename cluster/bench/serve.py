@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     server.add_argument("--num-scheduler-steps", type=int, default=1)
     server.add_argument("--stream-interval-ms", type=float, default=50.0,
                         help="how long the engine coalesces a streamed request's tokens into one item")
+    server.add_argument("--max-stream-items-per-s", type=float, default=EngineConfig.model_fields[
+                        "max_stream_items_per_s"].default, help="the engine's bound on streamed items per second")
     server.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the in-process engine")
     workload = parser.add_argument_group("workload")
     workload.add_argument("--num-adapters", type=int, default=64, help="random rank-16 adapters on all 7 projections")

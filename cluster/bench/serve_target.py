@@ -47,6 +47,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, adapters: dict[str,
     return EngineConfig(
         model=str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         num_scheduler_steps=args.num_scheduler_steps, stream_interval_ms=args.stream_interval_ms,
+        max_stream_items_per_s=args.max_stream_items_per_s,
         cpu_kv_cache_bytes=384 << 20,
         torch_threads_per_worker=args.threads, max_model_len=max(args.input_len) + max(args.output_len),
         expose_adapter_paths=True,  # the benchmark finds its own server's files through /v1/models

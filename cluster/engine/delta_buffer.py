@@ -4,6 +4,9 @@ The step loop puts a delta per step; a reader takes everything queued as one mer
 reader may hold its take until a deadline so one item carries several steps (one Ray object per
 item instead of per token per hop); a final delta (or a failure) always ends the hold at once.
 Waking the reader costs at most two wake-ups per item, never one per step.
+
+With many streams open the path to the client pays per item (Serve's proxy spends ~0.9 ms of CPU
+on each), so the hold may stretch with the number of open streams (`stretched_interval`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ class DeltaBuffer:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def stretched_interval(interval_s: float, open_streams: int, max_items_per_s: float) -> float:
+    """A stream's hold, long enough that `open_streams` streams together send at most `max_items_per_s`
+    items a second (0: no bound), and never shorter than `interval_s`."""
+    return max(interval_s, open_streams / max_items_per_s) if max_items_per_s else interval_s
 
 
 def _merge(items: list[StreamDelta | BaseException]) -> StreamDelta:

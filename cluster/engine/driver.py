@@ -29,7 +29,7 @@ import ray
 from cluster.config import EngineConfig
 from cluster.engine.adapter_description import adapter_info
 from cluster.engine.core import EngineCore, InFlightStep, Prompt, StepResult
-from cluster.engine.delta_buffer import DeltaBuffer
+from cluster.engine.delta_buffer import DeltaBuffer, stretched_interval
 from cluster.engine.limits import EngineLimits
 from cluster.engine.lora_registry import LoRARegistry
 from cluster.engine.model_checks import resolve_config
@@ -65,6 +65,7 @@ class Driver:
         self.workers = WorkerGroup(config)
         self.engine: EngineCore[asyncio.Future] | None = None
         self._pending: dict[str, _PendingRequest] = {}
+        self._open_streams = 0  # readers of `deltas` that hold their items for an interval
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._random = random.Random(config.seed)
@@ -114,6 +115,7 @@ class Driver:
             "num_free_blocks": self.engine.block_manager.num_free_blocks,
             "num_restarts": self.num_restarts,
             "num_pending": len(self._pending),  # requests whose caller has not read their end yet
+            "num_open_streams": self._open_streams,  # streams sharing max_stream_items_per_s
             "prefix_cache_queries": self.engine.block_manager.stats.queries,  # prompt tokens looked up
             "prefix_cache_hits": self.engine.block_manager.stats.hits,  # of which found cached
             "num_cached_blocks": self.engine.block_manager.num_cached_blocks,
@@ -230,14 +232,18 @@ class Driver:
         buffer = self._pending[request_id].deltas
         loop = asyncio.get_running_loop()
         hold_until = math.inf if interval_s == math.inf else 0.0
+        counted = 0 < interval_s < math.inf
+        self._open_streams += counted
         try:
             while True:
                 delta = await buffer.take(hold_until)
                 yield delta
                 if delta.finished:
                     return
-                hold_until = loop.time() + interval_s
+                hold_until = loop.time() + (stretched_interval(
+                    interval_s, self._open_streams, self.config.max_stream_items_per_s) if counted else interval_s)
         finally:
+            self._open_streams -= counted
             self.release(request_id)
 
     async def abort(self, request_id: str) -> bool:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cluster.engine.delta_buffer import DeltaBuffer
+from cluster.engine.delta_buffer import DeltaBuffer, stretched_interval
 from cluster.engine.outputs import StreamDelta, TokenLogprob
 from cluster.errors import EngineDeadError
 
@@ -88,3 +88,10 @@ def test_a_failure_is_raised_without_waiting_out_the_hold():
 
     with pytest.raises(EngineDeadError, match="a worker failed"):
         run(scenario())
+
+
+def test_the_hold_stretches_with_open_streams_only_past_the_items_budget():
+    assert stretched_interval(0.05, 64, 0) == 0.05  # no bound
+    assert stretched_interval(0.05, 8, 200) == 0.05  # 8 streams at 20 items/s each: within 200
+    assert stretched_interval(0.05, 64, 200) == 64 / 200  # 64 streams share 200 items/s
+    assert stretched_interval(0.5, 64, 200) == 0.5  # never shorter than asked

@@ -109,11 +109,12 @@ def test_abort_stops_a_stream_and_frees_its_blocks(driver):
     stream = driver.generate_stream.remote([5, 6, 7], long, None, "to-abort")
     first = ray.get(next(stream))
     assert first.finish_reason is None
+    assert ray.get(driver.stats.remote())["num_open_streams"] == 1  # its share of the items budget
     assert ray.get(driver.abort.remote("to-abort"))
     rest = [ray.get(ref) for ref in stream]
     assert rest[-1].finish_reason == "abort"
     stats = ray.get(driver.stats.remote())
-    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["num_open_streams"] == 0
     good_request_still_served(driver)
 
 
