@@ -3,9 +3,9 @@
     python scripts/overload_burst.py --url http://127.0.0.1:8000 --requests 2000
 
 RSS of this machine's processes whose command line names a Serve replica of the engine
-(`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`), Serve's HTTP proxy (`ray::ProxyActor`)
-or a model worker (`ray::Worker...`), read before the burst, right after it and after a pause: a burst must leave nothing behind (issue 12,
-item 3). `--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
+(`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`), Serve's HTTP proxy
+(`ray::ProxyActor`) or a model worker (`ray::Worker...`), read before the burst, right after it
+and after a pause: a burst must leave nothing behind (issue 12, item 3). `--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
 from a leak (growing every round); `--json` prints the figures as one JSON object too.
 """
 

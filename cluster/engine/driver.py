@@ -228,7 +228,8 @@ class Driver:
     async def deltas(self, request_id: str, interval_s: float) -> AsyncIterator[StreamDelta]:
         """A submitted request's deltas, merged: the first as soon as there is one, then what the steps
         added at most every `interval_s` (0: every step; `math.inf`: only the finished whole, the first
-        included). A finished delta never waits. Stopping early aborts the request."""
+        included), stretched while more streams are open than max_stream_items_per_s allows at that
+        pace. A finished delta never waits. Stopping early aborts the request."""
         buffer = self._pending[request_id].deltas
         loop = asyncio.get_running_loop()
         hold_until = math.inf if interval_s == math.inf else 0.0

@@ -8,12 +8,12 @@ dropped, so memory does not double) and `linear` dispatches on the weight's layo
 head gets its own packed copy: the embedding keeps the dense rows it looks tokens up in.
 
 oneDNN builds, JIT-compiles and caches a kernel for every input row count it meets (ideep's and
-oneDNN's caches, 1,024 entries each). A server meets nearly every token count up to its budget,
-so a worker's RSS grew by 30-100 MiB with each overload burst of 1,024 requests (+280 MiB over
-five, in process) and every step of a new size paid a compile. So the rows are padded up to one
-of eight sizes per power of two (`padded_rows`): 72 sizes up to 2,048 tokens, under 1/8
-more rows (decode steps at small batch sizes are weight-bound: their extra rows are
-nearly free). With that the same five bursts grew it by 20 MiB, and ran 25 % faster.
+oneDNN's caches, 1,024 entries each), and a server meets nearly every token count up to its
+budget: in rounds of 1,024 requests arriving while others run (scripts/engine_memory.py), the
+engine's RSS grew 437 -> 892 MiB over eight rounds, each new count paying a compile. So the rows
+are padded up to one of eight sizes per power of two (`padded_rows`): 72 sizes up to 2,048
+tokens, under 1/8 more rows (decode steps at small batch sizes are weight-bound: their extra rows
+are nearly free). With that the same rounds grew it 437 -> 576 MiB, and ran as fast or faster.
 """
 
 from __future__ import annotations

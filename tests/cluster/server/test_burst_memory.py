@@ -73,9 +73,8 @@ async def send(url: str, count: int, concurrency: int) -> dict[int, int]:
     return statuses
 
 
-def burst_and_settle(url: str) -> tuple[dict[str, float], dict[str, float]]:
-    """One burst; each process's RSS right after it and once it gave back a third of its growth (or SETTLE_S
-    passed)."""
+def burst_and_settle(url: str) -> dict[str, float]:
+    """One burst; each process's RSS once it gave back a third of its growth (or SETTLE_S passed)."""
     before = all_rss_mib()
     statuses = asyncio.run(send(url, REQUESTS, REQUESTS))
     assert set(statuses) <= {200, 503} and statuses.get(200), statuses
@@ -89,7 +88,7 @@ def burst_and_settle(url: str) -> tuple[dict[str, float], dict[str, float]]:
     print(f"burst {statuses}: RSS MiB before {before}, right after {peak}, settled {settled}")
     for name in PROCESSES:
         assert given_back(name, settled[name]), (name, before, peak, settled)
-    return peak, settled
+    return settled
 
 
 def test_memory_returns_to_its_level_after_each_burst(burst_url):
@@ -97,8 +96,8 @@ def test_memory_returns_to_its_level_after_each_burst(burst_url):
     assert asyncio.run(send(burst_url, 40, 10)) == {200: 40}
     time.sleep(SETTLE_S)  # whatever start-up left is trimmed before the level is read
     level = all_rss_mib()
-    _, first = burst_and_settle(burst_url)
-    _, second = burst_and_settle(burst_url)
+    first = burst_and_settle(burst_url)
+    second = burst_and_settle(burst_url)
     for name in PROCESSES:
         assert first[name] <= level[name] + HIGH_WATER_MIB[name], (name, level, first)
         assert second[name] <= first[name] + REPEAT_MIB, (name, first, second)
