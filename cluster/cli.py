@@ -126,8 +126,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument(
         "--ingress", choices=INGRESS_MODES, default=default_mode(),
-        help="how HTTP reaches the app: Serve's Python proxy, or Ray's HAProxy ingress (faster; its stats "
-        "and metrics ports listen on all interfaces); only for a local Ray (default: %(default)s)",
+        help="how HTTP reaches the app: Ray's HAProxy ingress (in C, every listener on --host), or Serve's "
+        "Python proxy; only for a local Ray (default here: %(default)s; haproxy wherever Ray's HAProxy "
+        "is installed)",
     )
 
 

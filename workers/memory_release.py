@@ -9,8 +9,9 @@ So a thread in each serving process watches two figures every `period_s`: the RS
 process spent since the last look. Once RSS has grown `growth_bytes` above where it last settled and the
 process has gone quiet (under `idle_cpu_share` of a core over the period: the burst is over), it trims
 once. It needs no view of requests, so the same thread runs in Serve's proxy and controller (started by
-the job's `worker_process_setup_hook` where raylora starts Ray), in the replicas and in the model's
-workers. glibc (Linux) only: elsewhere, or under another libc (musl has no `malloc_trim`), nothing runs.
+the job's `worker_process_setup_hook` where raylora starts Ray: cluster/server/local_ray.py), in the
+replicas and in the model's workers. glibc (Linux) only: elsewhere, or under another libc (musl has
+no `malloc_trim`), nothing runs.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ PERIOD_S = 2.0  # how often the thread looks: a trim lands within two periods of
 GROWTH_BYTES = 16 * MIB  # RSS growth since it last settled that is worth a trim
 IDLE_CPU_SHARE = 0.1  # the process used under this share of one core over a period: quiet
 THREAD_NAME = "raylora-malloc-trim"
-# What Ray runs in each worker process of a job raylora starts (cluster/server/local_ray.py).
-SETUP_HOOK = f"{__name__}.start_idle_trimmer"
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cluster.server.ingress_mode import IngressMode
+from cluster.server.ingress_mode import IngressMode, default_mode
 
 
 @dataclass(frozen=True)
@@ -15,4 +15,4 @@ class ServerOptions:
     port: int = 8000
     api_key: str | None = None
     address: str | None = None  # None: start a local Ray inside this process
-    ingress: IngressMode = "serve-proxy"  # how HTTP reaches the app; only for a Ray this process starts
+    ingress: IngressMode = field(default_factory=default_mode)  # how HTTP reaches the app; only for a Ray this process starts
