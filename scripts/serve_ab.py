@@ -9,13 +9,16 @@ the CPU split per variant, and each one's ratio to the first, printed as a Markd
 
 Everything after `--` goes to every run unchanged (give one rate: the table reads the first).
 `NAME@DIR=FLAGS` runs that variant from another checkout (e.g. a `git worktree` of an older
-commit), so two versions of the code meet in one interleaved run.
+commit), so two versions of the code meet in one interleaved run. Each run gets its checkout on
+PYTHONPATH: Ray's worker processes import raylora (the job's setup hook) before they see the
+driver's directory, so without it they would take the installed (editable) copy, not the checkout's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import statistics
@@ -47,8 +50,10 @@ def run_once(variant: Variant, round_index: int, out_dir: Path, bench_args: list
     command = [sys.executable, "-m", "cluster.cli", "bench", "serve", *variant.flags, "--no-progress",
                "--json", str(result), *bench_args]
     print(f"== round {round_index}, {variant.name}: {' '.join(command[3:])}", flush=True)
+    checkout = variant.checkout or Path(__file__).resolve().parent.parent
+    environment = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
     with open(out_dir / f"{variant.name}-{round_index}.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=variant.checkout)
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=checkout, env=environment)
     return result
 
 

@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, process_cpu_seconds
@@ -37,7 +36,14 @@ from cluster.bench.serve_target import (
     warm_up_server,
     write_adapters,
 )
-from cluster.bench.serve_workload import ServeRequest, WorkloadSpec, at_rate, make_workload, requests_for
+from cluster.bench.serve_workload import (
+    ServeRequest,
+    WorkloadSpec,
+    at_rate,
+    lone_requests,
+    make_workload,
+    requests_for,
+)
 from cluster.bench.synthetic import PRESETS, write_random_llama
 from cluster.config import EngineConfig
 from cluster.server.ingress_mode import INGRESS_MODES, default_mode
@@ -192,7 +198,7 @@ def run(args: argparse.Namespace, scratch: Path) -> Report:
     show = not args.no_progress
     warm_up_server(endpoint, workload(64, 1.0))
     first = workload(1, 1.0)[0]
-    report.lone_ttft_ms = lone_ttft_ms(endpoint, replace(first, output_len=min(first.output_len, 8)))
+    report.lone_ttft_ms = lone_ttft_ms(endpoint, lone_requests(first, tuple(args.input_len), vocab_size, args.seed))
     steps_seen = []
 
     saturation_requests = workload(requests_for(max(rates), args.duration, args.num_requests), math.inf)

@@ -110,7 +110,7 @@ def print_report(report: Report) -> None:
           f"model {endpoint['base_model']}, {endpoint['num_adapters']} adapters")
     slo = report.args.get("slo_ttft_ms"), report.args.get("slo_tpot_ms")
     print(f"goodput SLO: TTFT <= {slo[0] or 'any'} ms, TPOT <= {slo[1] or 'any'} ms; "
-          f"lone-request TTFT (HTTP, median of 5): "
+          f"lone-request TTFT (HTTP, median of 5 fresh prompts of the middle length): "
           f"{'n/a' if report.lone_ttft_ms is None else f'{report.lone_ttft_ms:.1f} ms'}")
     for run in report.runs:
         _print_block(f"rate {run.rate:.3g} req/s", run.http, run.ceiling)

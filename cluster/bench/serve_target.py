@@ -140,13 +140,13 @@ def run_http(endpoint: Endpoint, requests: list[ServeRequest], stream: bool, lab
     return asyncio.run(go())
 
 
-def lone_ttft_ms(endpoint: Endpoint, request: ServeRequest, repeats: int = 5) -> float | None:
-    """Median TTFT of one request at a time on the idle server (streamed)."""
+def lone_ttft_ms(endpoint: Endpoint, requests: list[ServeRequest]) -> float | None:
+    """Median TTFT of `requests` sent one at a time on the idle server (streamed)."""
     async def go() -> list[float]:
         ttfts = []
         async with StreamClient(endpoint.base_url, endpoint.api_key) as client:
             loop = asyncio.get_running_loop()
-            for _ in range(repeats):
+            for request in requests:
                 timing = RequestTiming(request.index, request.output_len, 0.0)
                 model = endpoint.base_model if request.adapter is None else endpoint.adapter_names[request.adapter]
                 await client.send(timing, completion_body(model, request, stream=True), loop.time)

@@ -84,6 +84,20 @@ def make_workload(spec: WorkloadSpec) -> list[ServeRequest]:
     ]
 
 
+def lone_requests(first: ServeRequest, input_len: tuple[int, int], vocab_size: int, seed: int,
+                  count: int = 5) -> list[ServeRequest]:
+    """Requests to time one at a time on the idle server, the denominator of the TTFT target: the
+    middle of the workload's prompt lengths, `first`'s adapter, at most 8 output tokens, and each
+    prompt fresh from its own stream. Repeating one prompt would time prefix-cache hits after the
+    first, which the workload's random prompts never get."""
+    length = (input_len[0] + input_len[1]) // 2
+    rng = np.random.default_rng([seed, 7])
+    return [
+        ServeRequest(i, 0.0, rng.integers(3, vocab_size, length).tolist(), min(first.output_len, 8), first.adapter)
+        for i in range(count)
+    ]
+
+
 def scale_arrivals(unit_arrivals: np.ndarray, rate: float) -> np.ndarray:
     if rate <= 0:
         raise ValueError("the rate must be positive")

@@ -13,6 +13,7 @@ from cluster.bench.serve_workload import (
     WorkloadSpec,
     adapter_probabilities,
     at_rate,
+    lone_requests,
     make_workload,
     requests_for,
 )
@@ -63,6 +64,16 @@ def test_rates_replay_the_same_requests_scaled():
     shorter = make_workload(spec(rate=1.0, num_requests=20))
     assert shorter == slow[:20]  # fewer requests: a prefix of more
     assert requests_for(4.0, 30.0, None) == 120 and requests_for(4.0, 30.0, 7) == 7
+
+
+def test_lone_requests_are_fresh_prompts_of_the_middle_length():
+    """Five different prompts, none of the workload's: repeating one would time prefix-cache hits."""
+    workload = make_workload(spec(num_requests=200, input_len=(16, 128)))
+    lone = lone_requests(workload[0], (16, 128), 4096, seed=0)
+    assert len(lone) == 5 and {len(r.prompt) for r in lone} == {72}
+    prompts = {tuple(r.prompt) for r in lone}
+    assert len(prompts) == 5 and not prompts & {tuple(r.prompt) for r in workload}
+    assert all(r.adapter == workload[0].adapter and r.output_len <= 8 for r in lone)
 
 
 def timing(index: int, sent: float, chunks: list[tuple[float, int]], asked: int | None = None) -> RequestTiming:
