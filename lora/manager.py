@@ -95,8 +95,12 @@ class LoRAManager:
         return slices
 
     def _owned(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.contiguous().clone()
-        return tensor.pin_memory() if self.pin_memory else tensor
+        """A tensor of its own: a slice of a larger one is copied, so the cache keeps only this
+        rank's part (a whole tensor is kept as it is)."""
+        whole = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+        owned = tensor if whole else tensor.contiguous().clone()
+        return owned.pin_memory() if self.pin_memory else owned
 
     def prefetch(self, lora: LoRARequest) -> Future | None:
         """Read the adapter into the CPU cache in the background, so a later slot load finds it there;

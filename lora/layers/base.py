@@ -84,9 +84,10 @@ def scaled_b(weights: LoRAModuleWeights) -> torch.Tensor:
 
 
 def fill_slot(slot_buffer: torch.Tensor, weights: torch.Tensor | None) -> None:
-    """Zero one slot's buffer and copy `weights` into its leading corner (a smaller rank or fewer
-    rows than the slot holds leave zeros around it)."""
-    slot_buffer.zero_()
+    """Copy `weights` into the leading corner of one slot's buffer, zeros around it (a smaller rank
+    or fewer rows than the slot holds); zero the whole slot for None."""
+    if weights is None or weights.shape != slot_buffer.shape:
+        slot_buffer.zero_()
     if weights is not None:
         slot_buffer[tuple(slice(0, size) for size in weights.shape)].copy_(weights, non_blocking=True)
 
