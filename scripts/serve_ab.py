@@ -58,9 +58,10 @@ def run_once(variant: Variant, round_index: int, out_dir: Path, bench_args: list
 
 
 def short_name(target_name: str) -> str:
-    """The target's name without what differs between runs (the running count, the load's share)."""
+    """The target's name without what differs between runs (the running count, the rate and the
+    load's share, which `--target-load` sets from each run's own in-process saturation)."""
     name = re.sub(r"\s*\(\d+% of in-process saturation\)", "", target_name)
-    return re.sub(r" at [\d.]+ running", "", name)
+    return re.sub(r" at [\d.]+ (running|req/s)", "", name)
 
 
 def figures(report: dict) -> dict[str, float]:
