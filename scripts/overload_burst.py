@@ -4,7 +4,7 @@
 
 RSS of this machine's processes whose command line names a Serve replica of the engine
 (`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`), Serve's HTTP proxy
-(`ray::ProxyActor`) or a model worker (`ray::Worker...`), read before the burst, right after it
+(`ray::ProxyActor`), HAProxy (the default ingress) or a model worker (`ray::Worker...`), read before the burst, right after it
 and after a pause: a burst must leave nothing behind (issue 12, item 3). `--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
 from a leak (growing every round); `--json` prints the figures as one JSON object too.
 """
@@ -31,13 +31,15 @@ def replica_rss_mib() -> dict[str, float]:
             continue
         try:
             title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if not title.startswith("ray::") or not any(name in title.split()[0] for name in PROCESS_TITLES):
+            program = title.split()[0] if title else ""
+            is_haproxy = program.endswith("/haproxy") or program == "haproxy"  # the default ingress
+            if not is_haproxy and (not title.startswith("ray::") or not any(name in program for name in PROCESS_TITLES)):
                 continue
             rss_kib = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
                            if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
-        sizes[f"{title.split()[0]} (pid {proc.name})"] = rss_kib / 1024
+        sizes[f"{'haproxy' if is_haproxy else program} (pid {proc.name})"] = rss_kib / 1024
     return sizes
 
 
