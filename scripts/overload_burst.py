@@ -2,10 +2,10 @@
 
     python scripts/overload_burst.py --url http://127.0.0.1:8000 --requests 2000
 
-RSS of this machine's processes whose command line names a Serve replica of the engine
-(`ServeReplica:...LoRAEngine`), the ingress (`...OpenAIIngress`), Serve's HTTP proxy
-(`ray::ProxyActor`), HAProxy (the default ingress) or a model worker (`ray::Worker...`), read before the burst, right after it
-and after a pause: a burst must leave nothing behind (issue 12, item 3). `--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
+RSS of this machine's serving processes (the engine replicas, the ingress, Serve's proxy or HAProxy
+and its manager, the model's workers; `cluster/bench/process_cpu.py` names them), read before the
+burst, right after it and after a pause: a burst must leave nothing behind (issue 12, item 3).
+`--rounds N` repeats burst and pause, which tells a high-water mark (flat after the first round)
 from a leak (growing every round); `--json` prints the figures as one JSON object too.
 """
 
@@ -19,27 +19,22 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 
-PROCESS_TITLES = ("LoRAEngine", "OpenAIIngress", "ProxyActor", "ray::Worker")
+from cluster.bench.process_cpu import role_of
+from workers.memory_release import MIB
+
+# The serving processes, named as `raylora bench serve` names them when it counts their CPU.
+SERVING_ROLES = ("proxy", "ingress", "engine replica", "worker")
 
 
-def replica_rss_mib() -> dict[str, float]:
-    """RSS in MiB of each local Serve replica process of the application and of Serve's proxy (by process title)."""
+def serving_rss_mib() -> dict[str, float]:
+    """RSS in MiB of each serving process on this machine, by program name and pid."""
     sizes: dict[str, float] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            program = title.split()[0] if title else ""
-            is_haproxy = program.endswith("/haproxy") or program == "haproxy"  # the default ingress
-            if not is_haproxy and (not title.startswith("ray::") or not any(name in program for name in PROCESS_TITLES)):
-                continue
-            rss_kib = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
-                           if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-        sizes[f"{'haproxy' if is_haproxy else program} (pid {proc.name})"] = rss_kib / 1024
+    for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if role_of(title) in SERVING_ROLES and process.info["memory_info"] is not None:
+            sizes[f"{Path(title.split()[0]).name} (pid {process.info['pid']})"] = process.info["memory_info"].rss / MIB
     return sizes
 
 
@@ -73,16 +68,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="bursts, each followed by the pause")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
     args = parser.parse_args()
-    before = replica_rss_mib()
+    before = serving_rss_mib()
     report: dict = {"before": before, "rounds": []}
     for round_index in range(args.rounds):
         start = time.monotonic()
         samples: dict[str, bytes] = {}
         statuses = asyncio.run(burst(args.url, args.model, args.requests, args.max_tokens, args.api_key, samples))
         elapsed = time.monotonic() - start
-        after = replica_rss_mib()
+        after = serving_rss_mib()
         time.sleep(args.settle_s)
-        settled = replica_rss_mib()
+        settled = serving_rss_mib()
         report["rounds"].append({"statuses": dict(statuses), "seconds": round(elapsed, 1),
                                  "right_after": after, "settled": settled})
         print(f"round {round_index + 1}: {args.requests} requests in {elapsed:.1f} s: {dict(statuses)}")
