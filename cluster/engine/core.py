@@ -26,7 +26,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.detokenizer import IncrementalDetokenizer, NoDetokenizer
+from cluster.engine.detokenizer import IncrementalDetokenizer, NoDetokenizer, fast_decode
 from cluster.engine.executor import StepExecutor
 from cluster.engine.limits import EngineLimits
 from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
@@ -80,6 +80,7 @@ class EngineCore(Generic[OutputT]):
     ) -> None:
         self.limits = limits
         self.tokenizer = tokenizer
+        self._decode = fast_decode(tokenizer) if tokenizer is not None else None
         self.executor = executor
         self.loras = loras
         self.rng = rng or random.Random()
@@ -165,8 +166,8 @@ class EngineCore(Generic[OutputT]):
             if lora is not None else adapter_salt(),
         )
         detokenizer = (
-            NoDetokenizer() if self.tokenizer is None
-            else IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+            NoDetokenizer() if self._decode is None
+            else IncrementalDetokenizer(self._decode, seq.prompt_token_ids, params.skip_special_tokens)
         )
         self.requests[request_id] = RequestState(seq, detokenizer, lora.lora_name if lora else None)
         self.scheduler.add(seq)
