@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase as TokenizerBase
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 _CONTEXT_TOKENS = 5
@@ -25,12 +24,12 @@ def fast_decode(tokenizer: PreTrainedTokenizerBase) -> Decode:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     passes_through = (
         backend is not None
-        and type(tokenizer).decode is TokenizerBase.decode
+        and type(tokenizer).decode is PreTrainedTokenizerBase.decode
         and type(tokenizer)._decode is TokenizersBackend._decode
         and not tokenizer.clean_up_tokenization_spaces
     )
     if passes_through:
-        return lambda token_ids, skip_special_tokens: backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return backend.decode  # (token_ids, skip_special_tokens), as Decode
     return lambda token_ids, skip_special_tokens: tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 

@@ -37,8 +37,7 @@ def test_without_a_tokenizer_tokens_add_no_text():
     assert detokenizer.add(7) == "" and detokenizer.text == ""
 
 
-@pytest.fixture(scope="module")
-def byte_level_tokenizer():
+def byte_level_tokenizer(clean_up: bool = False):
     """A byte-level BPE (as Llama 3's and GPT-2's), so characters span several tokens."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -47,26 +46,26 @@ def byte_level_tokenizer():
     backend.train_from_iterator(["hello world, plain words", "more plain text here"], vocab_size=300,
                                 special_tokens=["<s>", "</s>"])
     return PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, eos_token="</s>",
-                                   clean_up_tokenization_spaces=False)
+                                   clean_up_tokenization_spaces=clean_up)
 
 
 @pytest.mark.parametrize("clean_up", [False, True])
-def test_fast_decode_equals_transformers_decode(byte_level_tokenizer, clean_up):
+def test_fast_decode_equals_transformers_decode(clean_up):
     """Directly through the Rust tokenizer where transformers adds nothing; through transformers where it
     post-processes (clean-up of spaces): the text is transformers' either way."""
-    byte_level_tokenizer.clean_up_tokenization_spaces = clean_up
-    token_ids = byte_level_tokenizer.encode("héllo wörld , 日本 🙂 ok .") + [byte_level_tokenizer.eos_token_id]
-    decode = fast_decode(byte_level_tokenizer)
+    tokenizer = byte_level_tokenizer(clean_up)
+    token_ids = tokenizer.encode("héllo wörld , 日本 🙂 ok .") + [tokenizer.eos_token_id]
+    decode = fast_decode(tokenizer)
     for skip in (True, False):
         for end in range(len(token_ids) + 1):
-            assert decode(token_ids[:end], skip) == byte_level_tokenizer.decode(token_ids[:end], skip_special_tokens=skip)
+            assert decode(token_ids[:end], skip) == tokenizer.decode(token_ids[:end], skip_special_tokens=skip)
 
 
-def test_characters_across_tokens_come_out_whole(byte_level_tokenizer):
-    byte_level_tokenizer.clean_up_tokenization_spaces = False
+def test_characters_across_tokens_come_out_whole():
+    tokenizer = byte_level_tokenizer()
     text = " wörld 日本 🙂"
-    token_ids = byte_level_tokenizer.encode(text)
-    detokenizer = IncrementalDetokenizer(fast_decode(byte_level_tokenizer), byte_level_tokenizer.encode("hello"), True)
+    token_ids = tokenizer.encode(text)
+    detokenizer = IncrementalDetokenizer(fast_decode(tokenizer), tokenizer.encode("hello"), True)
     pieces = [detokenizer.add(token) for token in token_ids]
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
     assert "" in pieces  # some tokens ended inside a character and waited for the next
