@@ -29,7 +29,7 @@ import ray
 from cluster.config import EngineConfig
 from cluster.engine.adapter_description import adapter_info
 from cluster.engine.core import EngineCore, InFlightStep, Prompt, StepResult
-from cluster.engine.delta_buffer import DeltaBuffer, stretched_interval
+from cluster.engine.delta_buffer import DeltaBuffer, HeldReaders, stretched_interval
 from cluster.engine.limits import EngineLimits
 from cluster.engine.lora_registry import LoRARegistry
 from cluster.engine.model_checks import resolve_config
@@ -66,6 +66,7 @@ class Driver:
         self.engine: EngineCore[asyncio.Future] | None = None
         self._pending: dict[str, _PendingRequest] = {}
         self._open_streams = 0  # readers of `deltas` that hold their items for an interval
+        self._held = HeldReaders()  # readers waiting for their items; the step loop releases them
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self._random = random.Random(config.seed)
@@ -229,7 +230,8 @@ class Driver:
         """A submitted request's deltas, merged: the first as soon as there is one, then what the steps
         added at most every `interval_s` (0: every step; `math.inf`: only the finished whole, the first
         included), stretched while more streams are open than max_stream_items_per_s allows at that
-        pace. A finished delta never waits. Stopping early aborts the request."""
+        pace; a hold ends at the first step past it. A finished delta never waits. Stopping early
+        aborts the request."""
         buffer = self._pending[request_id].deltas
         loop = asyncio.get_running_loop()
         hold_until = math.inf if interval_s == math.inf else 0.0
@@ -237,7 +239,7 @@ class Driver:
         self._open_streams += counted
         try:
             while True:
-                delta = await buffer.take(hold_until)
+                delta = await buffer.take(hold_until, self._held)
                 yield delta
                 if delta.finished:
                     return
@@ -264,7 +266,7 @@ class Driver:
     async def _collect(self, request_id: str) -> GenerationOutput:
         """The whole completion, read once when it finished (no wake-up per step)."""
         pending = self._pending[request_id]
-        delta = await pending.deltas.take(math.inf)
+        delta = await pending.deltas.take(math.inf, self._held)
         return GenerationOutput.of(delta, pending.prompt_token_ids, pending.lora_name, pending.wants_logprobs)
 
     # ---- the step loop --------------------------------------------------------------------
@@ -292,6 +294,7 @@ class Driver:
                     self._hand_out(sent)
                     continue
             if not engine.in_flight:
+                self._held.release_all()  # no step is coming to end their holds
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -303,11 +306,13 @@ class Driver:
             self._hand_out(engine.finish_step(output))
 
     def _hand_out(self, result: StepResult) -> None:
-        """Each delta to its request's reader; an error to each request the engine failed on."""
+        """Each delta to its request's reader, then every reader whose hold is over is woken; an
+        error to each request the engine failed on."""
         for delta in result.deltas:
             pending = self._pending.get(delta.request_id)
             if pending is not None:
                 pending.deltas.put_nowait(delta)
+        self._held.release_due(asyncio.get_running_loop().time())
         if result.failed:
             error = RequestFailedError("the engine failed while serving this request: retry it")
             for request_id in result.failed:
