@@ -1,14 +1,47 @@
 """The contract between driver and workers: what one step computes and what rank 0 returns.
 
-Built by the driver, identical on every rank. Arrays are numpy so they pickle compactly and
-turn into tensors without a copy.
+Built by the driver, identical on every rank. Arrays are numpy so they turn into tensors without
+a copy; a step pickles as one buffer holding all its arrays (`pack_arrays`), not one pickled array
+each, since the driver encodes a step every few milliseconds on the serving path.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+ArrayLayout = tuple[tuple[str, tuple[int, ...]] | None, ...]
+ALIGNMENT = 8  # every array starts on a multiple of its item size (none is wider than int64)
+
+
+def pack_arrays(arrays: list[np.ndarray | None]) -> tuple[ArrayLayout, bytes]:
+    """The arrays' bytes back to back, each padded to ALIGNMENT, with each one's dtype and shape
+    (None stays None)."""
+    layout = tuple(None if array is None else (array.dtype.str, array.shape) for array in arrays)
+    parts = []
+    for array in arrays:
+        if array is not None:
+            data = array.tobytes()
+            parts.append(data)
+            if len(data) % ALIGNMENT:
+                parts.append(bytes(-len(data) % ALIGNMENT))
+    return layout, b"".join(parts)
+
+
+def unpack_arrays(layout: ArrayLayout, packed: bytes) -> list[np.ndarray | None]:
+    """`pack_arrays` undone: writable, aligned arrays over one copy of the bytes."""
+    buffer, offset, arrays = bytearray(packed), 0, []
+    for entry in layout:
+        if entry is None:
+            arrays.append(None)
+            continue
+        dtype, shape = np.dtype(entry[0]), entry[1]
+        count = math.prod(shape)
+        arrays.append(np.frombuffer(buffer, dtype, count, offset).reshape(shape))
+        offset += -(-count * dtype.itemsize // ALIGNMENT) * ALIGNMENT
+    return arrays
 
 
 def cache_slots(block_tables, rows, positions, block_size: int):
@@ -35,6 +68,11 @@ class SamplingBatch:
         return self if steps == 0 else replace(self, noise_step=self.noise_step + steps)
 
 
+SAMPLING_ARRAYS = ("temperature", "top_p", "top_k", "noise_seed", "noise_step")
+STEP_ARRAYS = ("input_ids", "positions", "query_lens", "context_lens", "block_tables", "slot_mapping",
+               "lora_slots", "rope_tables", "prev_token_rows")
+
+
 @dataclass
 class StepInput:
     """One forward step over the flat tokens of every scheduled sequence."""
@@ -54,6 +92,21 @@ class StepInput:
     # [T] row of the previous step's output whose (last) sampled token is this input token, -1 = input_ids'
     # own; set when the driver sent this step before the previous one returned (async scheduling)
     prev_token_rows: np.ndarray | None = None
+
+    def __reduce__(self):
+        sampling = self.sampling
+        arrays = [getattr(self, name) for name in STEP_ARRAYS] + [getattr(sampling, name) for name in SAMPLING_ARRAYS]
+        layout, packed = pack_arrays(arrays)
+        return _unpack_step, (layout, packed, self.is_prefill, self.num_steps, self.lora_loads, sampling.num_logprobs)
+
+
+def _unpack_step(layout: ArrayLayout, packed: bytes, is_prefill: bool, num_steps: int, lora_loads: list,
+                 num_logprobs: int) -> StepInput:
+    arrays = unpack_arrays(layout, packed)
+    step_arrays, sampling_arrays = arrays[: len(STEP_ARRAYS)], arrays[len(STEP_ARRAYS) :]
+    sampling = SamplingBatch(**dict(zip(SAMPLING_ARRAYS, sampling_arrays)), num_logprobs=num_logprobs)
+    return StepInput(**dict(zip(STEP_ARRAYS, step_arrays)), is_prefill=is_prefill, sampling=sampling,
+                     num_steps=num_steps, lora_loads=lora_loads)
 
 
 @dataclass
