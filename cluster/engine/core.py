@@ -243,6 +243,7 @@ class EngineCore(Generic[OutputT]):
         (a tokenizer failing on them, say) is aborted and listed as failed; the others go on."""
         batch = self.in_flight.popleft().batch
         result = StepResult(batch=batch)
+        sampled = output.token_ids.tolist()
         for row, seq in enumerate(batch.seqs):
             if not batch.samples[row]:  # a prefill chunk short of the prompt's end: nothing sampled
                 continue
@@ -251,15 +252,15 @@ class EngineCore(Generic[OutputT]):
             if state is None or seq.is_finished:  # aborted while the step was in flight
                 continue
             try:
-                result.deltas.append(self._process_row(state, output, row))
+                result.deltas.append(self._process_row(state, sampled[row], output, row))
             except Exception:
                 logger.exception("processing the output of request %s failed; aborting it", seq.request_id)
                 self.abort(seq.request_id)
                 result.failed.append(seq.request_id)
         return result
 
-    def _process_row(self, state: RequestState, output: StepOutput, row: int) -> StreamDelta:
-        reason = self.outputs.append_tokens(state, output, row)
+    def _process_row(self, state: RequestState, token_ids: list[int], output: StepOutput, row: int) -> StreamDelta:
+        reason = self.outputs.append_tokens(state, token_ids, output, row)
         if reason is not None:
             self.scheduler.finish(state.seq, reason)
         delta = self.outputs.delta(state)
@@ -289,22 +290,23 @@ class EngineCore(Generic[OutputT]):
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
         starts = np.array(batch.start_positions, dtype=np.int64)
         token_starts = np.cumsum(query_lens) - query_lens
-        positions = np.repeat(starts - token_starts, query_lens) + np.arange(int(query_lens.sum()), dtype=np.int64)
-        input_ids = np.zeros(len(positions), dtype=np.int64)
+        positions = np.repeat(starts - token_starts, query_lens) + np.arange(batch.num_tokens, dtype=np.int64)
+        token_ids: list[int] = []
+        in_flight: dict[int, int] = {}  # token index -> the previous step's output row that holds it
+        for seq, start, count in zip(seqs, batch.start_positions, batch.num_new_tokens):
+            known = max(0, min(count, seq.num_tokens - start))
+            token_ids += seq.token_slice(start, start + known)
+            if known < count:  # the newest token is still in flight: its row in the previous step
+                token_ids += [0] * (count - known)
+                in_flight[len(token_ids) - 1] = self._sampled_rows[seq.seq_id]
+        input_ids = np.array(token_ids, dtype=np.int64)
         prev_rows = None
-        for row, (seq, start, count) in enumerate(zip(seqs, batch.start_positions, batch.num_new_tokens)):
-            first = int(token_starts[row])
-            known = min(count, seq.num_tokens - start)
-            if known > 0:
-                input_ids[first : first + known] = seq.token_slice(start, start + known)
-            if known < count:  # the one token still in flight: its row in the previous step
-                if prev_rows is None:
-                    prev_rows = np.full(len(positions), -1, dtype=np.int64)
-                prev_rows[first + count - 1] = self._sampled_rows[seq.seq_id]
+        if in_flight:
+            prev_rows = np.full(len(token_ids), -1, dtype=np.int64)
+            prev_rows[list(in_flight)] = list(in_flight.values())
         context_lens = starts + query_lens
-        block_tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            block_tables[row, : len(seq.block_table)] = seq.block_table
+        width = max(len(seq.block_table) for seq in seqs)
+        block_tables = np.array([seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs], dtype=np.int64)
         slot_mapping = cache_slots(block_tables, np.repeat(np.arange(len(seqs)), query_lens), positions, self.limits.block_size)
         step = StepInput(
             input_ids=input_ids, positions=positions, query_lens=query_lens, context_lens=context_lens,

@@ -31,18 +31,18 @@ class OutputProcessor:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
 
-    def append_tokens(self, state: RequestState, output: StepOutput, row: int) -> str | None:
-        """Add the row's sampled tokens (one per decode step) up to the first that finishes the
-        request; return why it finished, if it did (tokens past a finish are dropped)."""
-        for column in range(output.token_ids.shape[1]):
-            reason = self._append_token(state, output, row, column)
+    def append_tokens(self, state: RequestState, token_ids: list[int], output: StepOutput, row: int) -> str | None:
+        """Add the row's sampled tokens (`token_ids`, one per decode step; `output` has their logprobs)
+        up to the first that finishes the request; return why it finished, if it did (tokens past a
+        finish are dropped)."""
+        for column, token_id in enumerate(token_ids):
+            reason = self._append_token(state, token_id, output, row, column)
             if reason is not None:
                 return reason
         return None
 
-    def _append_token(self, state: RequestState, output: StepOutput, row: int, column: int) -> str | None:
+    def _append_token(self, state: RequestState, token_id: int, output: StepOutput, row: int, column: int) -> str | None:
         seq = state.seq
-        token_id = int(output.token_ids[row, column])
         seq.output_token_ids.append(token_id)
         if seq.sampling.logprobs is not None and output.logprobs is not None:
             state.logprobs.append(self._token_logprob(output, row, column, seq.sampling.logprobs))

@@ -138,9 +138,11 @@ class Scheduler:
                 if wanted < 1:
                     break
             needed = seq.num_computed_tokens + wanted
-            while not self.block_manager.can_cover(seq, needed) and queue[-1] is not seq:
+            fits = self.block_manager.can_cover(seq, needed)
+            while not fits and queue[-1] is not seq:
                 self._preempt(queue.pop())
-            if not self.block_manager.can_cover(seq, needed):
+                fits = self.block_manager.can_cover(seq, needed)
+            if not fits:
                 self._preempt(seq)
                 break
             self.block_manager.cover(seq, needed)
