@@ -1,5 +1,10 @@
 """The driver's end of a worker's step channel (`workers.step_channel`): calls go out at once, in
-order, and each answer settles the oldest call still waiting."""
+order, and each answer settles the oldest call still waiting.
+
+After the handshake the client is the connection's protocol: each answer is read and settles its
+call inside the event loop's callback for the socket, with no reader task to wake per answer (the
+driver reads one answer per step).
+"""
 
 from __future__ import annotations
 
@@ -25,14 +30,15 @@ from workers.step_channel import (
 CONNECT_TIMEOUT_S = 30.0
 
 
-class StepChannelClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> None:
-        self._reader = reader
-        self._writer = writer
+class StepChannelClient(asyncio.Protocol):
+    def __init__(self, writer: asyncio.StreamWriter, name: str) -> None:
+        self._writer = writer  # kept: a StreamWriter closes its transport when it is collected
+        self._transport = writer.transport
         self._name = name
         self._waiting: deque[asyncio.Future] = deque()
         self._closed: BaseException | None = None
-        self._reading = asyncio.get_running_loop().create_task(self._read_replies())
+        self._received = bytearray()
+        self._transport.set_protocol(self)  # the handshake's reader is done: answers come here now
 
     @classmethod
     async def connect(cls, address: ChannelAddress, key: bytes, name: str) -> StepChannelClient:
@@ -57,7 +63,7 @@ class StepChannelClient:
         if not hmac.compare_digest(answer, proof(key, b"worker", driver_nonce)):
             writer.close()
             raise ConnectionError(f"{name} answered the step channel's handshake without the key")
-        return cls(reader, writer, name)
+        return cls(writer, name)  # the worker sends nothing unasked, so the reader holds no answer yet
 
     def call(self, method: str, *args: Any) -> asyncio.Future:
         """Send `method(*args)` now; the future settles with its result or its exception."""
@@ -70,36 +76,46 @@ class StepChannelClient:
             future.set_exception(ChannelClosed(f"{self._name} is gone: {self._closed}"))
             return future
         self._waiting.append(future)
-        self._writer.write(encoded_call)
+        self._transport.write(encoded_call)
         return future
 
-    async def _read_replies(self) -> None:
-        try:
-            while True:
-                (size,) = FRAME_HEADER.unpack(await self._reader.readexactly(FRAME_HEADER.size))
-                ok, value = pickle.loads(await self._reader.readexactly(size))
-                future = self._waiting.popleft()
-                if future.cancelled():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
-        except asyncio.CancelledError:
-            self._fail_waiting(ChannelClosed("closed by the driver"))
-            raise
-        except Exception as exc:  # gone, or an answer that does not read: no call may wait forever
-            self._fail_waiting(exc)
-            self._writer.close()
+    def data_received(self, data: bytes) -> None:
+        """Settle a waiting call with each whole answer received."""
+        received = self._received
+        received += data
+        while len(received) >= FRAME_HEADER.size:
+            (size,) = FRAME_HEADER.unpack_from(received)
+            end = FRAME_HEADER.size + size
+            if len(received) < end:
+                return
+            frame = bytes(received[FRAME_HEADER.size : end])
+            del received[:end]
+            try:
+                ok, value = pickle.loads(frame)
+            except Exception as exc:  # an answer that does not read: no call may wait forever
+                self._fail_waiting(exc)
+                self._transport.close()
+                return
+            future = self._waiting.popleft()
+            if future.cancelled():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_waiting(exc or ChannelClosed("the worker closed the step channel"))
 
     def _fail_waiting(self, cause: BaseException) -> None:
-        self._closed = cause
+        if self._closed is None:
+            self._closed = cause
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(ChannelClosed(f"{self._name} is gone ({type(cause).__name__})"))
 
     def close(self) -> None:
-        self._reading.cancel()
+        self._fail_waiting(ChannelClosed("closed by the driver"))
         with contextlib.suppress(Exception):
-            self._writer.close()
+            self._transport.close()
