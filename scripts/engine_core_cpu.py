@@ -42,15 +42,13 @@ PROMPT = list(range(5, 69))
 
 
 class DrawnTokens:
-    """A step executor that samples at random and keeps the step for the caller to encode."""
+    """A step executor that computes nothing: each sequence's next token is drawn at random."""
 
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.random = np.random.default_rng(seed)
-        self.last_step: StepInput | None = None
 
     def submit(self, step: StepInput) -> StepOutput:
-        self.last_step = step
         rows = len(step.query_lens)
         return StepOutput(token_ids=self.random.integers(3, self.vocab_size, size=(rows, step.num_steps)))
 
@@ -74,16 +72,19 @@ def build_core(config: EngineConfig) -> tuple[EngineCore, DrawnTokens]:
     return core, executor
 
 
-def measure(core: EngineCore, executor: DrawnTokens, seqs: int, steps: int) -> dict[str, float]:
-    """Microseconds per step for each part, median over `steps` decode steps of `seqs` sequences."""
+def measure(core: EngineCore, executor: DrawnTokens, seqs: int, steps: int, idle_s: float = 0.0) -> dict[str, float]:
+    """Microseconds per step for each part, median over `steps` decode steps of `seqs` sequences
+    (the core's own methods in send_step's order, the encoding the worker group does in between)."""
     adapters = [lora.lora_name for lora in core.loras.list()]
     params = SamplingParams(max_tokens=10_000_000, temperature=0, ignore_eos=True)
     for index in range(seqs):
         core.add_request(f"r{index}", PROMPT, params, adapters[index % len(adapters)] if adapters else None)
     core.step()  # the prefill
     times: dict[str, list[float]] = {"schedule": [], "build": [], "encode": [], "finish": []}
-    clock = time.perf_counter
+    clock = time.thread_time  # CPU, not wall: a sleeping or preempted thread adds nothing
     for _ in range(steps):
+        if idle_s:
+            time.sleep(idle_s)  # as the engine loop waits for the workers between steps
         start = clock()
         batch = core.scheduler.schedule()
         scheduled = clock()
@@ -109,6 +110,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="decode steps per count (prompt + steps < 1024)")
     parser.add_argument("--num-adapters", type=int, default=8)
     parser.add_argument("--preset", default="serve", choices=sorted(PRESETS))
+    parser.add_argument("--idle-ms", type=float, default=0.0,
+                        help="sleep before each step, as the engine loop waits for a step's output")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = write_random_llama(Path(scratch) / "model", **PRESETS[args.preset])
@@ -121,7 +124,7 @@ def main() -> None:
         core, executor = build_core(config)
         print("seqs  " + "  ".join(f"{name:>9}" for name in ("schedule", "build", "encode", "finish", "total")) + "  (us/step)")
         for seqs in args.seqs:
-            parts = measure(core, executor, seqs, args.steps)
+            parts = measure(core, executor, seqs, args.steps, args.idle_ms / 1000)
             print(f"{seqs:4d}  " + "  ".join(f"{value:9.1f}" for value in [*parts.values(), sum(parts.values())]), flush=True)
 
 
