@@ -283,8 +283,9 @@ class EngineConfig(BaseModel):
     stream_interval_ms: float = Field(
         50.0, ge=0,
         description="How long a streamed request's new tokens are held so that one streamed item (Ray object, "
-        "server-sent event) carries several steps, as Ray Serve LLM's stream batching interval; the first "
-        "token and the last item are never held. 0 = one item per step.",
+        "server-sent event) carries several steps, as Ray Serve LLM's stream batching interval; a hold ends "
+        "at the first step past it, and the first token and the last item are never held. 0 = one item per "
+        "step.",
     )
     max_stream_items_per_s: float = Field(
         200.0, ge=0,
