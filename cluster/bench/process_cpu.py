@@ -3,12 +3,14 @@
 Ray titles an actor's process `ray::<ClassName>` (and `ray::<ClassName>.<method>` while a task
 runs); Serve replicas are `ray::ServeReplica:<app>:<Deployment>`. Snapshots before and after a
 benchmark run give each role's CPU time, which divided by the streamed tokens is the serving
-path's cost per token. Only meaningful when the server runs on this host.
+path's cost per token, and each role's wake-ups (voluntary context switches: a thread blocked,
+then was woken), which on a host whose idle cores wake slowly cost more than the work they do
+(docs/benchmarks.md). Only meaningful when the server runs on this host.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -43,13 +45,16 @@ def role_of(title: str) -> str | None:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """CPU seconds (user + system) of every Ray process on this host, by pid, with its role."""
+    """CPU seconds (user + system) of every Ray process on this host, by pid, with its role; and
+    each one's wake-ups so far."""
 
     seconds: dict[int, tuple[str, float]]
+    wakeups: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def take(cls) -> CpuSnapshot:
         seconds: dict[int, tuple[str, float]] = {}
+        wakeups: dict[int, int] = {}
         for process in psutil.process_iter(["pid", "cmdline", "name"]):
             try:
                 title = " ".join(process.info["cmdline"] or []) or process.info["name"] or ""
@@ -58,21 +63,36 @@ class CpuSnapshot:
                     continue
                 times = process.cpu_times()
                 seconds[process.info["pid"]] = (role, times.user + times.system)
+                wakeups[process.info["pid"]] = process.num_ctx_switches().voluntary
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        return cls(seconds)
+        return cls(seconds, wakeups)
+
+    @property
+    def roles(self) -> dict[int, str]:
+        return {pid: role for pid, (role, _) in self.seconds.items()}
 
 
 def cpu_by_role(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
     """CPU seconds each role spent between the snapshots (processes started since count whole),
     plus "serving path": proxy, ingress, engine replica and driver together."""
-    spent: dict[str, float] = {}
-    for pid, (role, seconds) in after.seconds.items():
-        previous = before.seconds.get(pid)
-        spent[role] = spent.get(role, 0.0) + max(0.0, seconds - (previous[1] if previous else 0.0))
-    if any(role in spent for role in SERVING_PATH):
-        spent["serving path"] = sum(spent.get(role, 0.0) for role in SERVING_PATH)
-    return spent
+    return _grown_by_role(after.roles, {pid: s for pid, (_, s) in before.seconds.items()},
+                          {pid: s for pid, (_, s) in after.seconds.items()})
+
+
+def wakeups_by_role(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """Wake-ups of each role's threads between the snapshots, counted as `cpu_by_role` counts CPU."""
+    return _grown_by_role(after.roles, before.wakeups, after.wakeups)
+
+
+def _grown_by_role(roles: dict[int, str], before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+    grown: dict[str, float] = {}
+    for pid, value in after.items():
+        role = roles[pid]
+        grown[role] = grown.get(role, 0.0) + max(0.0, value - before.get(pid, 0.0))
+    if any(role in grown for role in SERVING_PATH):
+        grown["serving path"] = sum(grown.get(role, 0.0) for role in SERVING_PATH)
+    return grown
 
 
 def process_cpu_seconds() -> float:

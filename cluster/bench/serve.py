@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, process_cpu_seconds
+from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, process_cpu_seconds, wakeups_by_role
 from cluster.bench.serve_results import RateResult, Report
 from cluster.bench.serve_stats import Slo, summarize
 from cluster.bench.serve_target import (
@@ -221,6 +221,7 @@ def run(args: argparse.Namespace, scratch: Path) -> Report:
         result = RateResult(
             rate, summarize(f"HTTP {rate:g} req/s", rate, timings, slo),
             cpu_by_role(before, after) if endpoint.local else {}, client_after - client_before,
+            wakeups=wakeups_by_role(before, after) if endpoint.local else {},
         )
         if ceiling is not None:
             ceiling_timings, steps = ceiling.replay(requests, f"in-process at {rate:g} req/s", show)

@@ -119,6 +119,8 @@ def print_report(report: Report) -> None:
             shown = ", ".join(f"{role} {ms:.3f}" for role, ms in sorted(per_token.items()))
             print(f"CPU ms per streamed token: {shown}; benchmark client "
                   f"{1000 * run.client_cpu_seconds / max(1, run.http.total_tokens):.3f}")
+            wakeups = ", ".join(f"{role} {count:.2f}" for role, count in sorted(run.wakeups_per_token().items()))
+            print(f"wake-ups per streamed token (threads blocked, then woken): {wakeups}")
         else:
             print("CPU ms per streamed token: n/a (the server's processes are not on this host)")
     if report.saturation_http is not None or report.saturation_ceiling is not None:
@@ -155,7 +157,8 @@ def report_json(report: Report) -> dict[str, Any]:
         "runs": [
             {"rate": run.rate, "http": stats(run.http), "ceiling": stats(run.ceiling),
              "cpu_seconds_by_role": run.cpu_seconds, "cpu_ms_per_streamed_token": run.cpu_ms_per_token(),
-             "client_cpu_seconds": run.client_cpu_seconds, "ceiling_decode_steps": run.ceiling_decode_steps}
+             "client_cpu_seconds": run.client_cpu_seconds, "ceiling_decode_steps": run.ceiling_decode_steps,
+             "wakeups_by_role": run.wakeups, "wakeups_per_streamed_token": run.wakeups_per_token()}
             for run in report.runs
         ],
         "saturation": {"http": stats(report.saturation_http), "ceiling": stats(report.saturation_ceiling)},

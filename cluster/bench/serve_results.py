@@ -34,10 +34,15 @@ class RateResult:
     client_cpu_seconds: float
     ceiling: RunStats | None = None
     ceiling_decode_steps: int = 0
+    wakeups: dict[str, float] = field(default_factory=dict)  # per role, over the HTTP run
 
     def cpu_ms_per_token(self) -> dict[str, float]:
         tokens = max(1, self.http.total_tokens)
         return {role: 1000.0 * seconds / tokens for role, seconds in self.cpu_seconds.items()}
+
+    def wakeups_per_token(self) -> dict[str, float]:
+        tokens = max(1, self.http.total_tokens)
+        return {role: count / tokens for role, count in self.wakeups.items()}
 
 
 @dataclass

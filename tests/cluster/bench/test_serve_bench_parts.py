@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, role_of
+from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, role_of, wakeups_by_role
 from cluster.bench.serve_stats import Percentiles, Slo, summarize
 from cluster.bench.serve_workload import (
     WorkloadSpec,
@@ -112,7 +112,9 @@ def test_process_roles_from_ray_titles():
     assert role_of("ray::Driver.run") == "driver" and role_of("ray::WorkerActor") == "worker"
     assert role_of("ray::DashboardAgent") == "ray system" and role_of("ray::IDLE") == "other ray actors"
     assert role_of("/usr/bin/python something.py") is None
-    before = CpuSnapshot({1: ("proxy", 1.0), 2: ("worker", 5.0)})
-    after = CpuSnapshot({1: ("proxy", 1.5), 2: ("worker", 7.0), 3: ("ingress", 0.25)})
+    before = CpuSnapshot({1: ("proxy", 1.0), 2: ("worker", 5.0)}, {1: 100, 2: 40})
+    after = CpuSnapshot({1: ("proxy", 1.5), 2: ("worker", 7.0), 3: ("ingress", 0.25)}, {1: 160, 2: 41, 3: 7})
     spent = cpu_by_role(before, after)
     assert spent["serving path"] == pytest.approx(0.75) and spent["worker"] == pytest.approx(2.0)
+    assert wakeups_by_role(before, after) == {"proxy": 60, "worker": 1, "ingress": 7, "serving path": 67}
+

@@ -31,12 +31,13 @@ def test_bench_serve_smoke(server, tmp_path, capsys):
         assert http["ttft"]["count"] == 6 and http["ttft"]["p50"] > 0
         assert http["goodput_requests_per_s"] > 0
         assert run["cpu_ms_per_streamed_token"]["serving path"] > 0  # the session's server runs here
+        assert run["wakeups_per_streamed_token"]["serving path"] > 0  # its threads waited for each request
     assert figures["saturation"]["http"]["completed"] == 6 and figures["saturation"]["ceiling"]["completed"] == 6
     assert set(figures["burst_tokens_per_s"]) == {"http streamed", "http not streamed", "python api (in-process)"}
     assert figures["lone_ttft_ms"] > 0
     assert any(t["name"].startswith("saturation") for t in figures["targets"])
     printed = capsys.readouterr().out
-    assert "TTFT ms p50/p90/p99" in printed and "issue 11 targets" in printed
+    assert "TTFT ms p50/p90/p99" in printed and "issue 11 targets" in printed and "wake-ups per streamed token" in printed
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch):
