@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 
 from cluster.engine.outputs import StreamDelta
 
@@ -45,11 +46,6 @@ class DeltaBuffer:
         """Something is queued and the reader's deadline has passed."""
         return bool(self._items) and self.hold_until <= now
 
-    @property
-    def is_holding(self) -> bool:
-        """Something is queued for a reader that waits out a finite deadline."""
-        return bool(self._items) and self.hold_until != math.inf
-
     def release(self) -> None:
         """Wake the waiting reader, if any: it takes whatever is queued."""
         if self._waiter is not None and not self._waiter.done():
@@ -60,7 +56,8 @@ class DeltaBuffer:
         reached `hold_until` (`math.inf`: never) or the request ended. Raises a queued failure.
         While it waits the reader is listed in `held`, whose owner releases it when due."""
         loop = asyncio.get_running_loop()
-        while not (self._items and (self._final or loop.time() >= hold_until)):
+        if not (self._items and (self._final or loop.time() >= hold_until)):
+            # Released only with something queued: due, final, or flushed by a step loop going idle.
             self.hold_until = hold_until
             self._waiter = loop.create_future()
             held.readers.add(self)
@@ -69,8 +66,6 @@ class DeltaBuffer:
             finally:
                 self._waiter = None
                 held.readers.discard(self)
-            if self._items:  # released: due, final, or flushed by a step loop going idle
-                break
         items, self._items = self._items, []
         return _merge(items)
 
@@ -92,9 +87,7 @@ class HeldReaders:
     def release_all(self) -> None:
         """Wake every reader holding something back for a finite deadline: no step will come to end
         its hold. Readers of whole completions (an infinite hold) wait on."""
-        for buffer in self.readers:
-            if buffer.is_holding:
-                buffer.release()
+        self.release_due(sys.float_info.max)  # past every finite deadline, short of math.inf
 
 
 def stretched_interval(interval_s: float, open_streams: int, max_items_per_s: float) -> float:

@@ -306,13 +306,15 @@ class Driver:
             self._hand_out(engine.finish_step(output))
 
     def _hand_out(self, result: StepResult) -> None:
-        """Each delta to its request's reader, then every reader whose hold is over is woken; an
-        error to each request the engine failed on."""
+        """Each delta to its request's reader, then (for a finished step) every reader whose hold is
+        over is woken; an error to each request the engine failed on. A step just sent (no `batch`) has
+        no deltas, so its hand-out leaves the holds to the step's end."""
         for delta in result.deltas:
             pending = self._pending.get(delta.request_id)
             if pending is not None:
                 pending.deltas.put_nowait(delta)
-        self._held.release_due(asyncio.get_running_loop().time())
+        if result.batch is not None:
+            self._held.release_due(asyncio.get_running_loop().time())
         if result.failed:
             error = RequestFailedError("the engine failed while serving this request: retry it")
             for request_id in result.failed:
