@@ -35,7 +35,7 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.tokenizer_loading import load_tokenizer
 from lora.request import LoRARequest
 from workers.models.config import load_model_config
-from workers.step import StepInput, StepOutput
+from workers.step import DecodeContinuation, StepInput, StepOutput
 from workers.step_channel import encode_call
 
 PROMPT = list(range(5, 69))
@@ -47,10 +47,12 @@ class DrawnTokens:
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.random = np.random.default_rng(seed)
+        self.rows = 0  # of the last whole step: a continuation keeps them
 
-    def submit(self, step: StepInput) -> StepOutput:
-        rows = len(step.query_lens)
-        return StepOutput(token_ids=self.random.integers(3, self.vocab_size, size=(rows, step.num_steps)))
+    def submit(self, step: StepInput | DecodeContinuation) -> StepOutput:
+        if isinstance(step, StepInput):
+            self.rows = len(step.query_lens)
+        return StepOutput(token_ids=self.random.integers(3, self.vocab_size, size=(self.rows, step.num_steps)))
 
     async def load_lora(self, lora: LoRARequest) -> None:
         return None

@@ -20,7 +20,7 @@ from workers.layers.prepacked import prepack_linears
 from workers.models.config import ModelConfig, load_model_config
 from workers.models.registry import get_model_class
 from workers.sampler import sample
-from workers.step import StepInput, StepOutput, cache_slots
+from workers.step import DecodeContinuation, StepInput, StepOutput, cache_slots, continue_decode
 from workers.weight_loader import load_weights
 
 
@@ -54,6 +54,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = 0
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # [B] of the last step
+        self.last_step: StepInput | None = None  # what a DecodeContinuation continues
 
     def kv_block_bytes(self) -> int:
         """Bytes one KV block takes on this rank, keys and values of every layer."""
@@ -119,8 +120,9 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_token_index])
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> StepOutput | None:
-        """Run the step's forward(s); only rank 0 answers.
+    def execute(self, step: StepInput | DecodeContinuation) -> StepOutput | None:
+        """Run the step's forward(s); only rank 0 answers. A DecodeContinuation is built from the
+        step before it, which every rank keeps.
 
         With `num_steps > 1` (decode only) each step's sampled tokens are the next step's input,
         without a round trip to the driver. Sampling is a pure function of the logits and the
@@ -128,6 +130,11 @@ class ModelRunner:
         same tokens and no broadcast is needed; each rank keeps the last tokens it sampled for the
         next step's `prev_token_rows` (the driver sent it before this one returned).
         """
+        if isinstance(step, DecodeContinuation):
+            if self.last_step is None:
+                raise ValueError("a decode continuation needs the step before it")
+            step = continue_decode(self.last_step, step, self.config.block_size)
+        self.last_step = None  # a step that fails leaves nothing to continue
         if self.lora is not None:
             self.lora.apply_loads(step.lora_loads)
             self.lora.set_step(step.lora_slots, step.query_lens, step.rope_tables)
@@ -152,4 +159,5 @@ class ModelRunner:
                 positions, context_lens = positions + 1, context_lens + 1
                 slot_mapping = cache_slots(block_tables, rows, positions, block_size)
         self.last_sampled = input_ids
+        self.last_step = step
         return StepOutput.stack(outputs) if tp_rank() == 0 else None

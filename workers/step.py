@@ -1,8 +1,10 @@
 """The contract between driver and workers: what one step computes and what rank 0 returns.
 
 Built by the driver, identical on every rank. Arrays are numpy so they turn into tensors without
-a copy; a step pickles as one buffer holding all its arrays (`pack_arrays`), not one pickled array
-each, since the driver encodes a step every few milliseconds on the serving path.
+a copy; a step (and rank 0's answer) pickles as one buffer holding all its arrays (`pack_arrays`),
+not one pickled array each, since the driver encodes a step and decodes an answer every few
+milliseconds on the serving path. A steady decode's next step is sent as a `DecodeContinuation`
+of the one before, which every rank keeps.
 """
 
 from __future__ import annotations
@@ -109,6 +111,48 @@ def _unpack_step(layout: ArrayLayout, packed: bytes, is_prefill: bool, num_steps
                      num_steps=num_steps, lora_loads=lora_loads)
 
 
+@dataclass(frozen=True)
+class DecodeContinuation:
+    """The next decode step of the sequences the previous step decoded, in the same rows: each
+    rank builds it from the step before it (`continue_decode`), so the driver sends only the KV
+    blocks the sequences gained, not the whole step. Most steps of a steady decode are this."""
+
+    num_steps: int = 1
+    new_blocks: tuple[tuple[int, int, int], ...] = ()  # (row, index in its block table, block id)
+
+
+def continue_decode(previous: StepInput, continuation: DecodeContinuation, block_size: int) -> StepInput:
+    """`continuation` as a whole step: positions and context one further per step `previous` ran,
+    every input token the last one `previous` sampled for its row (`prev_token_rows`), each row's
+    sampling stream as far further on, the same adapter slots; no slot loads."""
+    rows = len(previous.query_lens)
+    if previous.is_prefill or len(previous.input_ids) != rows:
+        raise ValueError("a decode continuation follows a decode step (one token per sequence)")
+    advance = previous.num_steps
+    block_tables = previous.block_tables
+    if continuation.new_blocks:
+        width = max(block_tables.shape[1], 1 + max(index for _, index, _ in continuation.new_blocks))
+        block_tables = np.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
+        for row, index, block in continuation.new_blocks:
+            block_tables[row, index] = block
+    positions = previous.positions + advance
+    row_index = np.arange(rows, dtype=np.int64)
+    return StepInput(
+        input_ids=np.zeros(rows, dtype=np.int64), positions=positions, query_lens=previous.query_lens,
+        context_lens=previous.context_lens + advance, block_tables=block_tables,
+        slot_mapping=cache_slots(block_tables, row_index, positions, block_size), is_prefill=False,
+        sampling=previous.sampling.advanced(advance), num_steps=continuation.num_steps,
+        lora_slots=previous.lora_slots, rope_tables=previous.rope_tables, prev_token_rows=row_index,
+    )
+
+
+OUTPUT_ARRAYS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs")
+
+
+def _unpack_output(layout: ArrayLayout, packed: bytes) -> StepOutput:
+    return StepOutput(*unpack_arrays(layout, packed))
+
+
 @dataclass
 class StepOutput:
     """Rank 0's sampled tokens: one row per sequence (in the step's order), one column per step."""
@@ -118,6 +162,9 @@ class StepOutput:
     top_token_ids: np.ndarray | None = None  # [B, S, N] int64
     top_logprobs: np.ndarray | None = None  # [B, S, N] float32
 
+    def __reduce__(self):
+        return _unpack_output, pack_arrays([getattr(self, name) for name in OUTPUT_ARRAYS])
+
     @staticmethod
     def stack(steps: list[StepOutput]) -> StepOutput:
         """Per-step outputs (each with [B] rows) side by side."""
@@ -126,4 +173,4 @@ class StepOutput:
             parts = [getattr(out, name) for out in steps]
             return None if parts[0] is None else np.stack(parts, axis=1)
 
-        return StepOutput(*(column_stack(name) for name in ("token_ids", "logprobs", "top_token_ids", "top_logprobs")))
+        return StepOutput(*(column_stack(name) for name in OUTPUT_ARRAYS))

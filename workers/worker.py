@@ -19,7 +19,7 @@ from workers.distributed import init_tensor_parallel
 from workers.memory_release import start_idle_trimmer
 from workers.model_runner import ModelRunner
 from workers.priority import take_normal_priority
-from workers.step import StepInput, StepOutput
+from workers.step import DecodeContinuation, StepInput, StepOutput
 from workers.step_channel import ChannelAddress, ChannelListener
 
 
@@ -71,7 +71,7 @@ class Worker:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute_step(self, step: StepInput) -> StepOutput | None:
+    def execute_step(self, step: StepInput | DecodeContinuation) -> StepOutput | None:
         assert self.runner is not None
         return self.runner.execute(step)
 

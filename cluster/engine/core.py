@@ -26,6 +26,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.decode_run import DecodeRun
 from cluster.engine.detokenizer import IncrementalDetokenizer, NoDetokenizer, fast_decode
 from cluster.engine.executor import StepExecutor
 from cluster.engine.limits import EngineLimits
@@ -41,7 +42,7 @@ from cluster.engine.tokenizer_loading import require_tokenizer
 from cluster.errors import InvalidRequestError
 from lora.request import LoRARequest
 from lora.slots import SlotLoad, SlotTable
-from workers.step import SamplingBatch, StepInput, StepOutput, cache_slots
+from workers.step import DecodeContinuation, SamplingBatch, StepInput, StepOutput, cache_slots
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class EngineCore(Generic[OutputT]):
         self._seq_ids = itertools.count()
         self._sampled_rows: dict[int, int] = {}  # seq_id -> its row in the last step built, if it samples
         self._removed_loras: set[int] = set()  # removed, but running sequences still read their slots
+        self._decode_run: DecodeRun | None = None  # the last decode step sent, which the workers keep
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -230,6 +232,7 @@ class EngineCore(Generic[OutputT]):
             step = self._build_step(batch)
         except Exception:
             logger.exception("building a step failed; failing its requests")
+            self._decode_run = None
             failed = [seq.request_id for seq in batch.seqs] if batch else list(self.requests)
             for request_id in failed:
                 self.abort(request_id)
@@ -278,14 +281,31 @@ class EngineCore(Generic[OutputT]):
         wanted = max(seq.sampling.max_tokens - seq.num_output_tokens - seq.num_inflight_tokens for seq in running)
         return max(1, min(self.limits.num_scheduler_steps, room, wanted))
 
-    def _build_step(self, batch: ScheduledBatch) -> StepInput:
+    def _build_step(self, batch: ScheduledBatch) -> StepInput | DecodeContinuation:
         """The workers' input for a scheduled batch; the tokens it samples are in flight from now on.
+        A decode of the same sequences as the last step goes out as a continuation of it."""
+        run = self._decode_run
+        if run is not None and run.continues(batch, self.scheduler.num_preemptions):
+            if self.slots is not None:
+                self.slots.assign(run.loras, set())  # every adapter holds its slot: only marked used
+            step: StepInput | DecodeContinuation = run.continuation(batch)
+        else:
+            step = self._full_step(batch)
+            self._sampled_rows = {seq.seq_id: row for row, seq in enumerate(batch.seqs) if batch.samples[row]}
+        for seq, samples in zip(batch.seqs, batch.samples):
+            if samples:
+                seq.num_inflight_tokens += batch.num_steps
+            self.block_manager.cache_full_blocks(seq)  # the step is built: its blocks' K/V will be written
+        return step
 
-        A sequence whose newest token is still in flight (sampled by the previous step, not yet
-        processed here) gets that token from the workers: `prev_token_rows` names its row in the
-        previous step's output.
-        """
-        lora_loads, lora_slots = self._order_by_slot(batch) if self.slots is not None else ([], None)
+    def _full_step(self, batch: ScheduledBatch) -> StepInput:
+        """Every array of the step, built from the sequences. A sequence whose newest token is still
+        in flight (sampled by the previous step, not yet processed here) gets that token from the
+        workers: `prev_token_rows` names its row in the previous step's output. A decode step starts
+        a decode run that the next steps may continue."""
+        seq_ids = [seq.seq_id for seq in batch.seqs]  # the scheduler's order, before slot order
+        next_starts = DecodeRun.next_starts_of(batch)
+        lora_loads, lora_slots, row_order = self._order_by_slot(batch) if self.slots is not None else ([], None, None)
         seqs = batch.seqs
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
         starts = np.array(batch.start_positions, dtype=np.int64)
@@ -316,17 +336,16 @@ class EngineCore(Generic[OutputT]):
         if self.slots is not None:
             step.lora_loads, step.lora_slots = lora_loads, lora_slots
             step.rope_tables = np.array([seq.rope_table for seq in seqs], dtype=np.int64)
-        self._sampled_rows = {seq.seq_id: row for row, seq in enumerate(seqs) if batch.samples[row]}
-        for seq, samples in zip(seqs, batch.samples):
-            if samples:
-                seq.num_inflight_tokens += batch.num_steps
-            self.block_manager.cache_full_blocks(seq)  # the step is built: its blocks' K/V will be written
+        self._decode_run = DecodeRun(
+            seq_ids, next_starts, row_order, [len(seq.block_table) for seq in seqs],
+            {seq.lora_id: seq.lora for seq in seqs if seq.lora is not None}, self.scheduler.num_preemptions,
+        ) if batch.is_decode else None
         return step
 
-    def _order_by_slot(self, batch: ScheduledBatch) -> tuple[list[SlotLoad], np.ndarray]:
+    def _order_by_slot(self, batch: ScheduledBatch) -> tuple[list[SlotLoad], np.ndarray, list[int]]:
         """Give the batch's adapters slots (loads for the new ones), then order the batch by slot,
         so each adapter's tokens form one run and the LoRA ops need no gather or scatter for a
-        prefill (the rows are one range). Returns the loads and each sequence's slot, in order."""
+        prefill (the rows are one range). Returns the loads, each sequence's slot in order, and the order."""
         assert self.slots is not None
         if self._removed_loras:
             self._free_removed_slots()
@@ -334,8 +353,9 @@ class EngineCore(Generic[OutputT]):
         loads = self.slots.assign(batch_loras, self.scheduler.active_lora_ids())
         slots = np.array([self.slots.slot(seq.lora_id) for seq in batch.seqs], dtype=np.int64)
         order = np.argsort(slots, kind="stable")
-        batch.reorder(order.tolist())
-        return loads, slots[order]
+        row_order = order.tolist()
+        batch.reorder(row_order)
+        return loads, slots[order], row_order
 
     @staticmethod
     def _sampling_batch(seqs: list[Sequence]) -> SamplingBatch:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Protocol, TypeVar
 
 from lora.request import LoRARequest
-from workers.step import StepInput
+from workers.step import DecodeContinuation, StepInput
 
 OutputT_co = TypeVar("OutputT_co", covariant=True)
 
 
 class StepExecutor(Protocol[OutputT_co]):
-    def submit(self, step: StepInput) -> OutputT_co:
-        """Start the step on every rank; returns rank 0's `StepOutput` or a future of it."""
+    def submit(self, step: StepInput | DecodeContinuation) -> OutputT_co:
+        """Start the step on every rank (a continuation of the step before it, which they keep);
+        returns rank 0's `StepOutput` or a future of it."""
         ...
 
     async def load_lora(self, lora: LoRARequest) -> None:

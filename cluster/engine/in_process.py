@@ -30,7 +30,7 @@ from cluster.engine.tokenizer_loading import load_tokenizer
 from cluster.errors import RequestFailedError
 from lora.request import LoRARequest
 from workers.models.config import load_model_config
-from workers.step import StepInput, StepOutput
+from workers.step import DecodeContinuation, StepInput, StepOutput
 from workers.worker import Worker
 
 
@@ -56,7 +56,7 @@ class InProcessWorker:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
-    def submit(self, step: StepInput) -> StepOutput:
+    def submit(self, step: StepInput | DecodeContinuation) -> StepOutput:
         output = self.worker.execute_step(step)
         assert output is not None  # rank 0 always answers
         return output

@@ -14,7 +14,7 @@ from cluster.engine.step_channel_client import StepChannelClient
 from cluster.engine.worker_placement import placement_group_name, remove_orphaned_groups
 from cluster.errors import as_raylora_error
 from lora.request import LoRARequest
-from workers.step import StepInput, StepOutput
+from workers.step import DecodeContinuation, StepInput, StepOutput
 from workers.step_channel import encode_call
 from workers.worker import WorkerActor
 
@@ -103,7 +103,7 @@ class WorkerGroup:
             StepChannelClient.connect(address, key, f"worker rank {rank}") for rank, address in enumerate(addresses)
         )))
 
-    def submit(self, step: StepInput) -> asyncio.Future:
+    def submit(self, step: StepInput | DecodeContinuation) -> asyncio.Future:
         """Send the step to every rank now (each runs its calls in the order sent, so a step sent
         before the previous one returned runs after it); the future is rank 0's answer."""
         if len(self.channels) == 1:

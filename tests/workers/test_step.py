@@ -11,7 +11,16 @@ import torch
 
 from lora.request import LoRARequest
 from lora.slots import SlotLoad
-from workers.step import SAMPLING_ARRAYS, STEP_ARRAYS, SamplingBatch, StepInput, pack_arrays, unpack_arrays
+from workers.step import (
+    OUTPUT_ARRAYS,
+    SAMPLING_ARRAYS,
+    STEP_ARRAYS,
+    SamplingBatch,
+    StepInput,
+    StepOutput,
+    pack_arrays,
+    unpack_arrays,
+)
 
 
 def decode_step(with_lora: bool) -> StepInput:
@@ -74,3 +83,17 @@ def test_pack_arrays_keeps_empty_arrays_and_none_and_aligns_each_array():
         if want is not None:
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+
+
+def test_an_answer_pickles_as_one_buffer_and_comes_back_equal():
+    plain = StepOutput(token_ids=np.array([[5], [6], [7]]))
+    ranked = StepOutput(token_ids=np.array([[5, 1]]), logprobs=np.array([[-0.5, -1.0]], dtype=np.float32),
+                        top_token_ids=np.arange(6).reshape(1, 2, 3), top_logprobs=np.zeros((1, 2, 3), np.float32))
+    for output in (plain, ranked):
+        got = pickle.loads(pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL))
+        for name in OUTPUT_ARRAYS:
+            expected, actual = getattr(output, name), getattr(got, name)
+            if expected is None:
+                assert actual is None, name
+            else:
+                assert actual.dtype == expected.dtype and actual.tolist() == expected.tolist(), name

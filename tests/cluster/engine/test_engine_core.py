@@ -22,7 +22,7 @@ from cluster.engine.scheduler import SchedulerLimits
 from cluster.errors import InvalidRequestError, ModelNotFoundError
 from lora.request import LoRARequest
 from lora.slots import SlotLoad
-from workers.step import StepInput, StepOutput
+from workers.step import DecodeContinuation, StepInput, StepOutput, continue_decode
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,20 @@ def tokenizer(tmp_path_factory):
 
 
 class RecordingExecutor:
-    """Keeps what the core sends; a test hands each step's sampled tokens to `finish_step`."""
+    """Keeps what the core sends, a continuation as the whole step the workers make of it; a test
+    hands each step's sampled tokens to `finish_step`."""
 
-    def __init__(self) -> None:
+    def __init__(self, block_size: int = 4) -> None:
+        self.block_size = block_size
         self.steps: list[StepInput] = []
+        self.num_continuations = 0
         self.loaded: list[str] = []
         self.removed: list[int] = []
 
-    def submit(self, step: StepInput) -> None:
+    def submit(self, step: StepInput | DecodeContinuation) -> None:
+        if isinstance(step, DecodeContinuation):
+            step = continue_decode(self.steps[-1], step, self.block_size)
+            self.num_continuations += 1
         self.steps.append(step)
 
     async def load_lora(self, lora: LoRARequest) -> None:
@@ -53,8 +59,9 @@ class RecordingExecutor:
 class AnsweringExecutor(RecordingExecutor):
     """Answers every step at once, sampling token 9 for every sequence (as the in-process worker would)."""
 
-    def submit(self, step: StepInput) -> StepOutput:
+    def submit(self, step: StepInput | DecodeContinuation) -> StepOutput:
         super().submit(step)
+        step = self.steps[-1]
         return StepOutput(token_ids=np.full((len(step.query_lens), step.num_steps), 9, dtype=np.int64))
 
 
