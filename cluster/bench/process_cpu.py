@@ -10,6 +10,7 @@ then was woken), which on a host whose idle cores wake slowly cost more than the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import psutil
@@ -93,6 +94,17 @@ def _grown_by_role(roles: dict[int, str], before: dict[int, float], after: dict[
     if any(role in grown for role in SERVING_PATH):
         grown["serving path"] = sum(grown.get(role, 0.0) for role in SERVING_PATH)
     return grown
+
+
+def idle_cpu_per_s(seconds: float) -> dict[str, float]:
+    """Each role's CPU seconds per second while nothing is asked of the server: Ray's and Serve's
+    processes poll and report whatever the load (a Ray actor's main thread alone wakes every 10 ms
+    to check for signals), so this is the share of a run's CPU that no request caused."""
+    before, started = CpuSnapshot.take(), time.monotonic()
+    time.sleep(seconds)
+    after = CpuSnapshot.take()
+    elapsed = time.monotonic() - started
+    return {role: spent / elapsed for role, spent in cpu_by_role(before, after).items()}
 
 
 def process_cpu_seconds() -> float:

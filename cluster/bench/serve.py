@@ -21,7 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, process_cpu_seconds, wakeups_by_role
+from cluster.bench.process_cpu import (
+    CpuSnapshot,
+    cpu_by_role,
+    idle_cpu_per_s,
+    process_cpu_seconds,
+    wakeups_by_role,
+)
 from cluster.bench.serve_results import RateResult, Report
 from cluster.bench.serve_stats import Slo, summarize
 from cluster.bench.serve_target import (
@@ -96,6 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     report.add_argument("--slo-tpot-ms", type=float, help="goodput counts requests with TPOT at most this")
     report.add_argument("--burst", type=int, default=64, help="requests sent at once: HTTP vs Python API (0: skip)")
     report.add_argument("--skip", nargs="*", default=[], choices=["ceiling", "saturation", "burst"])
+    report.add_argument("--idle-window", type=float, default=10.0,
+                        help="seconds the idle server's processes are measured before the runs, so CPU per token "
+                        "is also shown above their idle rate (0: skip)")
     report.add_argument("--json", help="write every figure to this file")
     report.add_argument("--plot", help="draw latency against delivered throughput to this PNG (needs matplotlib)")
     report.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -213,15 +222,18 @@ def run(args: argparse.Namespace, scratch: Path) -> Report:
     elif args.target_load:
         raise SystemExit("--target-load needs the in-process engine (the server's model and adapters on this host)")
 
+    if endpoint.local and args.idle_window > 0:
+        report.idle_cpu_per_s = idle_cpu_per_s(args.idle_window)
+
     for rate in rates:
         requests = workload(requests_for(rate, args.duration, args.num_requests), rate)
-        before, client_before = CpuSnapshot.take(), process_cpu_seconds()
+        before, client_before, started = CpuSnapshot.take(), process_cpu_seconds(), time.monotonic()
         timings = run_http(endpoint, requests, stream=True, label=f"HTTP at {rate:g} req/s", show_progress=show)
         after, client_after = CpuSnapshot.take(), process_cpu_seconds()
         result = RateResult(
             rate, summarize(f"HTTP {rate:g} req/s", rate, timings, slo),
             cpu_by_role(before, after) if endpoint.local else {}, client_after - client_before,
-            wakeups=wakeups_by_role(before, after) if endpoint.local else {},
+            wakeups=wakeups_by_role(before, after) if endpoint.local else {}, seconds=time.monotonic() - started,
         )
         if ceiling is not None:
             ceiling_timings, steps = ceiling.replay(requests, f"in-process at {rate:g} req/s", show)

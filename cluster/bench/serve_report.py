@@ -44,6 +44,10 @@ def issue_targets(report: Report, decode_model: DecodeStepModel | None) -> list[
         cpu = half.cpu_ms_per_token().get("serving path")
         targets.append(Target(f"serving-path CPU ms per streamed token {where}", cpu,
                               SERVING_PATH_CPU_MS_PER_TOKEN, False, "ms"))
+        if report.idle_cpu_per_s:
+            above_idle = half.cpu_ms_per_token_above_idle(report.idle_cpu_per_s).get("serving path")
+            targets.append(Target(f"serving-path CPU ms per streamed token above idle {where}", above_idle,
+                                  SERVING_PATH_CPU_MS_PER_TOKEN, False, "ms"))
     if report.saturation_http is not None and report.saturation_ceiling is not None:
         targets.append(Target(
             "saturation: HTTP / in-process delivered tokens/s",
@@ -112,6 +116,9 @@ def print_report(report: Report) -> None:
     print(f"goodput SLO: TTFT <= {slo[0] or 'any'} ms, TPOT <= {slo[1] or 'any'} ms; "
           f"lone-request TTFT (HTTP, median of 5 fresh prompts of the middle length): "
           f"{'n/a' if report.lone_ttft_ms is None else f'{report.lone_ttft_ms:.1f} ms'}")
+    if report.idle_cpu_per_s:
+        idle = ", ".join(f"{role} {1000 * rate:.1f}" for role, rate in sorted(report.idle_cpu_per_s.items()))
+        print(f"CPU ms per second of the idle server's processes: {idle}")
     for run in report.runs:
         _print_block(f"rate {run.rate:.3g} req/s", run.http, run.ceiling)
         if run.cpu_seconds:
@@ -119,6 +126,10 @@ def print_report(report: Report) -> None:
             shown = ", ".join(f"{role} {ms:.3f}" for role, ms in sorted(per_token.items()))
             print(f"CPU ms per streamed token: {shown}; benchmark client "
                   f"{1000 * run.client_cpu_seconds / max(1, run.http.total_tokens):.3f}")
+            if report.idle_cpu_per_s:
+                above = run.cpu_ms_per_token_above_idle(report.idle_cpu_per_s)
+                shown = ", ".join(f"{role} {ms:.3f}" for role, ms in sorted(above.items()))
+                print(f"CPU ms per streamed token above the same processes' idle rate: {shown}")
             wakeups = ", ".join(f"{role} {count:.2f}" for role, count in sorted(run.wakeups_per_token().items()))
             print(f"wake-ups per streamed token (threads blocked, then woken): {wakeups}")
         else:
@@ -154,11 +165,15 @@ def report_json(report: Report) -> dict[str, Any]:
         "args": report.args,
         "endpoint": report.endpoint,
         "lone_ttft_ms": report.lone_ttft_ms,
+        "idle_cpu_ms_per_s": {role: 1000 * rate for role, rate in report.idle_cpu_per_s.items()},
         "runs": [
             {"rate": run.rate, "http": stats(run.http), "ceiling": stats(run.ceiling),
              "cpu_seconds_by_role": run.cpu_seconds, "cpu_ms_per_streamed_token": run.cpu_ms_per_token(),
              "client_cpu_seconds": run.client_cpu_seconds, "ceiling_decode_steps": run.ceiling_decode_steps,
-             "wakeups_by_role": run.wakeups, "wakeups_per_streamed_token": run.wakeups_per_token()}
+             "wakeups_by_role": run.wakeups, "wakeups_per_streamed_token": run.wakeups_per_token(),
+             "seconds": run.seconds,
+             "cpu_ms_per_streamed_token_above_idle": run.cpu_ms_per_token_above_idle(report.idle_cpu_per_s)
+             if report.idle_cpu_per_s else None}
             for run in report.runs
         ],
         "saturation": {"http": stats(report.saturation_http), "ceiling": stats(report.saturation_ceiling)},

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from cluster.bench.process_cpu import CpuSnapshot, cpu_by_role, role_of, wakeups_by_role
+from cluster.bench.serve_results import RateResult
 from cluster.bench.serve_stats import Percentiles, Slo, summarize
 from cluster.bench.serve_workload import (
     WorkloadSpec,
@@ -118,3 +120,13 @@ def test_process_roles_from_ray_titles():
     assert spent["serving path"] == pytest.approx(0.75) and spent["worker"] == pytest.approx(2.0)
     assert wakeups_by_role(before, after) == {"proxy": 60, "worker": 1, "ingress": 7, "serving path": 67}
 
+
+
+def test_cpu_above_idle_takes_the_idle_rate_over_the_run_off_each_role():
+    http = SimpleNamespace(total_tokens=1000)  # all the CPU figures read of a run's statistics
+    run = RateResult(1.0, http, {"proxy": 2.0, "engine replica": 3.0, "serving path": 5.0}, 0.0, seconds=40.0)
+    idle = {"proxy": 0.035, "engine replica": 0.02, "serving path": 0.055}  # CPU seconds per second
+    above = run.cpu_ms_per_token_above_idle(idle)
+    assert above["proxy"] == pytest.approx((2.0 - 1.4) * 1000 / 1000)
+    assert above["serving path"] == pytest.approx((5.0 - 2.2) * 1000 / 1000)
+    assert run.cpu_ms_per_token()["serving path"] == pytest.approx(5.0)

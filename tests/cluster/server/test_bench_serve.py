@@ -19,7 +19,7 @@ def test_bench_serve_smoke(server, tmp_path, capsys):
         "serve", "--base-url", server.url, "--api-key", server.api_key, "--num-adapters", "1",
         "--base-fraction", "0.3", "--rates", "8,16", "--num-requests", "6", "--input-len", "4", "12",
         "--output-len", "2", "6", "--burst", "4", "--threads", "1", "--slo-ttft-ms", "60000",
-        "--no-progress", "--json", str(out),
+        "--idle-window", "0.5", "--no-progress", "--json", str(out),
     ])
     assert code == 0
     figures = json.loads(out.read_text())
@@ -32,12 +32,16 @@ def test_bench_serve_smoke(server, tmp_path, capsys):
         assert http["goodput_requests_per_s"] > 0
         assert run["cpu_ms_per_streamed_token"]["serving path"] > 0  # the session's server runs here
         assert run["wakeups_per_streamed_token"]["serving path"] > 0  # its threads waited for each request
+        above_idle = run["cpu_ms_per_streamed_token_above_idle"]
+        assert above_idle["serving path"] < run["cpu_ms_per_streamed_token"]["serving path"]
+    assert figures["idle_cpu_ms_per_s"]["serving path"] > 0  # Ray's actors poll even when idle
     assert figures["saturation"]["http"]["completed"] == 6 and figures["saturation"]["ceiling"]["completed"] == 6
     assert set(figures["burst_tokens_per_s"]) == {"http streamed", "http not streamed", "python api (in-process)"}
     assert figures["lone_ttft_ms"] > 0
     assert any(t["name"].startswith("saturation") for t in figures["targets"])
     printed = capsys.readouterr().out
     assert "TTFT ms p50/p90/p99" in printed and "issue 11 targets" in printed and "wake-ups per streamed token" in printed
+    assert "above the same processes' idle rate" in printed
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch):
@@ -61,7 +65,7 @@ def test_bench_serve_target_half_load(server, tmp_path):
     assert bench_main([
         "serve", "--base-url", server.url, "--api-key", server.api_key, "--num-adapters", "1",
         "--target-load", "half", "--num-requests", "4", "--input-len", "4", "8", "--output-len", "2", "4",
-        "--threads", "1", "--skip", "saturation", "burst", "--no-progress", "--json", str(out),
+        "--threads", "1", "--skip", "saturation", "burst", "--idle-window", "0", "--no-progress", "--json", str(out),
     ]) == 0
     figures = json.loads(out.read_text())
     saturation = figures["saturation"]["ceiling"]["delivered_tokens_per_s"]
