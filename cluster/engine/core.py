@@ -95,6 +95,7 @@ class EngineCore(Generic[OutputT]):
         self._sampled_rows: dict[int, int] = {}  # seq_id -> its row in the last step built, if it samples
         self._removed_loras: set[int] = set()  # removed, but running sequences still read their slots
         self._decode_run: DecodeRun | None = None  # the last decode step sent, which the workers keep
+        self.num_continued_steps = 0  # decode steps sent as a continuation of the one before
 
     # ---- adapters -------------------------------------------------------------------------
 
@@ -289,6 +290,7 @@ class EngineCore(Generic[OutputT]):
             if self.slots is not None:
                 self.slots.assign(run.loras, set())  # every adapter holds its slot: only marked used
             step: StepInput | DecodeContinuation = run.continuation(batch)
+            self.num_continued_steps += 1
         else:
             step = self._full_step(batch)
             self._sampled_rows = {seq.seq_id: row for row, seq in enumerate(batch.seqs) if batch.samples[row]}

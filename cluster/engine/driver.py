@@ -120,6 +120,7 @@ class Driver:
             "prefix_cache_queries": self.engine.block_manager.stats.queries,  # prompt tokens looked up
             "prefix_cache_hits": self.engine.block_manager.stats.hits,  # of which found cached
             "num_cached_blocks": self.engine.block_manager.num_cached_blocks,
+            "num_continued_steps": self.engine.num_continued_steps,  # decode steps the workers built themselves
         }
         if self.engine.slots is not None:
             slot_stats = self.engine.slots.stats

@@ -62,6 +62,7 @@ class WorkerGroup:
         self.workers: list = []
         self.worker_nodes: list[str] = []
         self.channels: list[StepChannelClient] = []
+        self._encoded_continuations: dict[int, bytes] = {}  # by num_steps
 
     async def start(self) -> int:
         """Place the actors, form the group, load the shards; return the KV blocks every rank can hold."""
@@ -106,11 +107,20 @@ class WorkerGroup:
     def submit(self, step: StepInput | DecodeContinuation) -> asyncio.Future:
         """Send the step to every rank now (each runs its calls in the order sent, so a step sent
         before the previous one returned runs after it); the future is rank 0's answer."""
+        encoded = self._encode_step(step)
         if len(self.channels) == 1:
-            return self.channels[0].call("execute_step", step)
-        encoded = encode_call("execute_step", (step,))
+            return self.channels[0].send(encoded)
         results = asyncio.gather(*(channel.send(encoded) for channel in self.channels))
         return asyncio.ensure_future(_first(results))
+
+    def _encode_step(self, step: StepInput | DecodeContinuation) -> bytes:
+        """The call's bytes; a continuation that adds no block (most decode steps) is encoded once."""
+        if isinstance(step, DecodeContinuation) and not step.new_blocks:
+            encoded = self._encoded_continuations.get(step.num_steps)
+            if encoded is None:
+                encoded = self._encoded_continuations[step.num_steps] = encode_call("execute_step", (step,))
+            return encoded
+        return encode_call("execute_step", (step,))
 
     async def load_lora(self, lora: LoRARequest) -> None:
         """Every rank reads and checks the adapter beside the steps; returns when all have it. A rank's

@@ -61,6 +61,7 @@ def test_tp2_matches_references(ray_session, model_and_references, fully_sharded
         loras = [LoRARequest(n, 1, str(paths[n])) if n else None for n in names]
         params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in max_tokens]
         outputs = ray.get(driver.generate.remote(prompts, params, loras))
+        assert ray.get(driver.stats.remote())["num_continued_steps"] > 0  # every rank continued decode steps itself
     finally:
         ray.get(driver.shutdown.remote())
         ray.kill(driver)
