@@ -75,6 +75,8 @@ def figures(report: dict) -> dict[str, float]:
     values["delivered tok/s"] = http["delivered_tokens_per_s"]
     for role, value in run["cpu_ms_per_streamed_token"].items():
         values[f"CPU ms/token: {role}"] = value
+    for role, value in (run.get("cpu_ms_per_streamed_token_above_idle") or {}).items():
+        values[f"CPU ms/token above idle: {role}"] = value
     return values
 
 
