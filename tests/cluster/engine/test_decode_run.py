@@ -15,42 +15,34 @@ from cluster.engine.limits import EngineLimits
 from cluster.engine.lora_registry import AdapterInfo, LoRARegistry
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import SchedulerLimits
-from workers.step import SAMPLING_ARRAYS, DecodeContinuation, StepInput, StepOutput, continue_decode
+from tests.cluster.engine.test_engine_core import RecordingExecutor
+from workers.step import SAMPLING_ARRAYS, DecodeContinuation, StepInput, StepOutput
 
 BLOCK_SIZE = 4
 
 
-class SamplingWorkers:
-    """Answers every step with tokens of its own (so a token fed back is told apart) and keeps each
-    step as the workers run it: a continuation made whole from the step before, in-flight input
-    tokens replaced by the previous step's samples."""
+class SamplingWorkers(RecordingExecutor):
+    """Keeps each step as the workers run it (a continuation made whole from the step before, in-flight
+    input tokens replaced by the previous step's samples) and answers it with tokens of its own, so a
+    token fed back is told apart."""
 
     def __init__(self) -> None:
-        self.steps: list[StepInput] = []
+        super().__init__(BLOCK_SIZE)
         self.inputs: list[list[int]] = []
         self.outputs: list[np.ndarray] = []
-        self.num_continuations = 0
 
     def submit(self, step: StepInput | DecodeContinuation) -> StepOutput:
-        if isinstance(step, DecodeContinuation):
-            step = continue_decode(self.steps[-1], step, BLOCK_SIZE)
-            self.num_continuations += 1
+        super().submit(step)
+        step = self.steps[-1]
         input_ids = step.input_ids.copy()
         if step.prev_token_rows is not None:
             fed_back = step.prev_token_rows >= 0
             input_ids[fed_back] = self.outputs[-1][step.prev_token_rows[fed_back], -1]
         rows = len(step.query_lens)
-        tokens = 10 + (np.arange(rows * step.num_steps).reshape(rows, step.num_steps) + 7 * len(self.steps)) % 40
-        self.steps.append(step)
+        tokens = 10 + (np.arange(rows * step.num_steps).reshape(rows, step.num_steps) + 7 * len(self.outputs)) % 40
         self.inputs.append(input_ids.tolist())
         self.outputs.append(tokens)
         return StepOutput(token_ids=tokens)
-
-    async def load_lora(self, lora) -> None:
-        return None
-
-    def remove_lora(self, lora_id: int) -> None:
-        return None
 
 
 def make_core(num_scheduler_steps: int) -> EngineCore:
@@ -109,7 +101,7 @@ def test_continued_steps_are_the_steps_built_whole(num_scheduler_steps, seed):
     got = run_workload(continued, True, seed)
     whole = make_core(num_scheduler_steps)
     want = run_workload(whole, False, seed)
-    assert want.num_continuations == 0 and got.num_continuations > len(got.steps) // 4
+    assert whole.num_continued_steps == 0 and continued.num_continued_steps > len(got.steps) // 4
     assert continued.scheduler.num_preemptions > 0  # the workload preempts
     assert_same_steps(got, want)
 
@@ -121,7 +113,7 @@ def test_a_continuation_adds_the_blocks_its_rows_gained_and_feeds_every_row_back
     workers = core.executor
     for _ in range(7):
         core.step()
-    assert workers.num_continuations == 5  # the prefill and the first decode whole, then continued
+    assert core.num_continued_steps == 5  # the prefill and the first decode whole, then continued
     last = workers.steps[-1]  # rows in slot order: y (the base model) first
     assert last.prev_token_rows.tolist() == [0, 1] and not last.lora_loads
     assert last.positions.tolist() == [6, 8] and last.context_lens.tolist() == [7, 9]

@@ -39,14 +39,12 @@ class RecordingExecutor:
     def __init__(self, block_size: int = 4) -> None:
         self.block_size = block_size
         self.steps: list[StepInput] = []
-        self.num_continuations = 0
         self.loaded: list[str] = []
         self.removed: list[int] = []
 
     def submit(self, step: StepInput | DecodeContinuation) -> None:
         if isinstance(step, DecodeContinuation):
             step = continue_decode(self.steps[-1], step, self.block_size)
-            self.num_continuations += 1
         self.steps.append(step)
 
     async def load_lora(self, lora: LoRARequest) -> None:
